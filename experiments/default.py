@@ -1,0 +1,76 @@
+"""Default run: a federation of 100 synthetic hospitals (chest-X-ray-like, 3 classes).
+
+  python launch.py                      # this config
+  python launch.py --config=experiments/default.py --config.num_rounds=50 --workdir=runs/x
+
+Field names follow shared/DESIGN.md; every other config in experiments/ starts from
+this one and changes a few fields.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_clients = 100            # seen hospitals (training population)
+  c.num_rounds = 30
+  c.clients_per_round = 20       # fixed-size cohort; ignored when client_sampling_rate > 0
+  c.client_sampling_rate = 0.0   # > 0: Poisson cohort with this rate
+  c.eval_every = 5
+  c.model = "cnn"                # cnn | resnet18
+  c.checkpoint_every = 0         # rounds between checkpoints (0: only at the end)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"    # synthetic | medmnist | image_folder | tfds
+  c.data.path = ""               # file or folder; for tfds the data set name
+  c.data.data_dir = ""           # tfds data_dir
+  c.data.image_size = 28
+  c.data.examples_per_client = 96  # synthetic: mean images per hospital
+  c.data.partition = "dirichlet" # iid | dirichlet | quantity | natural
+  c.data.alpha = 1.0             # dirichlet concentration (smaller: more label skew)
+  c.data.quantity_power = 1.5    # quantity skew: power-law exponent of hospital sizes
+  c.data.site_csv = ""           # natural partition of real data: CSV image-or-patient -> site
+  c.data.num_unseen = 5          # hospitals held out entirely (evaluated only)
+  c.data.val_fraction = 0.1      # of each hospital's patients
+  c.data.test_fraction = 0.2
+  c.data.shift = 1.0             # per-hospital acquisition-shift strength (0: none)
+  c.data.augment = False         # in-graph random crop / flip / rotation per client
+
+  c.client = ml_collections.ConfigDict()
+  c.client.local_epochs = 1
+  c.client.local_steps = 0       # > 0 overrides local_epochs
+  c.client.batch_size = 16
+  c.client.optimizer = "sgd"     # sgd | momentum | adam
+  c.client.learning_rate = 0.1
+  c.client.momentum = 0.9
+  c.client.prox_mu = 0.0         # FedProx proximal term
+
+  c.server = ml_collections.ConfigDict()
+  c.server.optimizer = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi | fedadagrad
+  c.server.learning_rate = 1.0
+  c.server.momentum = 0.9
+  c.server.beta2 = 0.99
+  c.server.tau = 1e-3            # adaptive optimisers' epsilon
+  c.server.weighting = "examples"  # examples | uniform
+
+  c.dp = ml_collections.ConfigDict()
+  c.dp.level = "none"            # none | example | patient | client
+  c.dp.noise_multiplier = 1.0
+  c.dp.clip_norm = 1.0
+  c.dp.delta = 1e-5
+  c.dp.accountant = "rdp"        # rdp | pld
+  c.dp.target_epsilon = 0.0      # > 0: stop before exceeding this budget
+
+  c.secure_agg = ml_collections.ConfigDict()
+  c.secure_agg.enabled = False
+  c.secure_agg.bits = 32
+  c.secure_agg.threshold = 0.5
+  c.secure_agg.dropout_rate = 0.0
+  c.secure_agg.distributed_noise = False
+
+  c.engine = ml_collections.ConfigDict()
+  c.engine.client_chunk = 0      # clients vmapped per call (0: chosen per backend)
+  c.engine.conv = "auto"         # auto | xla | patches: convolution lowering
+  c.engine.unroll = 0            # local-step scan unroll (0: chosen per backend)
+  return c

@@ -1,0 +1,218 @@
+"""The client update: one hospital's local training as a pure, vmappable function.
+
+`make_client_update(...)` returns `client_update(global_params, data, key, hparams)
+-> (delta, metrics)`. Local steps run in `lax.scan`; the batch of each step is a
+fixed-shape gather plus a mask, so ragged hospitals share one compiled program and
+padded examples (or padded steps) contribute exactly zero. The gradient of a step
+comes from a `GradientFn`, the seam where DP-SGD replaces plain averaging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+class ClientData(NamedTuple):
+  """One hospital's padded training split (leading axis `max_examples`)."""
+
+  images: jax.Array    # uint8 [N, H, W, C]
+  labels: jax.Array    # int32 [N]
+  patients: jax.Array  # int32 [N], -1 on padding
+  count: jax.Array     # int32 [] real examples
+  num_patients: jax.Array  # int32 []
+
+
+class Batch(NamedTuple):
+  """One local step's examples: a fixed-size gather plus a mask."""
+
+  x: jax.Array        # float [B, H, W, C], normalised
+  y: jax.Array        # int32 [B]
+  patients: jax.Array  # int32 [B]
+  mask: jax.Array     # bool [B]
+
+
+class GradientFn(Protocol):
+  """Turns one local batch into the gradient the optimiser sees.
+
+  `(params, batch, key, hparams) -> (grad, stats)`; stats is a dict of scalars
+  summed over steps and clients: at least `loss_sum` and `correct` over the
+  batch's real examples (from the forward pass the gradient needs anyway), plus
+  e.g. clipped counts for DP.
+  """
+
+  def __call__(self, params: PyTree, batch: Batch, key: jax.Array,
+               hparams: dict) -> tuple[PyTree, dict]:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSchedule:
+  """Static shape of local training (identical for every client of a run).
+
+  Attributes:
+    max_examples: padded examples per client.
+    batch_size: examples per local step (the gather size).
+    epochs: local epochs (ignored when `steps` > 0).
+    steps: fixed number of local steps, each a uniform batch (0: from epochs).
+    unroll: `lax.scan` unroll factor for local steps.
+  """
+
+  max_examples: int
+  batch_size: int
+  epochs: int = 1
+  steps: int = 0
+  unroll: int = 1
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return -(-self.max_examples // self.batch_size)
+
+  @property
+  def num_steps(self) -> int:
+    return self.steps if self.steps > 0 else self.epochs * self.steps_per_epoch
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy `[B]`."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:
+  """uint8 pixels -> float32 `(x / 255 - mean) / std`."""
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def mean_gradient(apply_fn: Callable) -> GradientFn:
+  """Non-private gradient: mean loss over the batch's real examples."""
+
+  def grad_fn(params, batch: Batch, key, hparams):
+    del key, hparams
+    w = batch.mask.astype(jnp.float32)
+
+    def loss(p):
+      logits = apply_fn(p, batch.x)
+      loss_sum = jnp.sum(w * cross_entropy(logits, batch.y))
+      return loss_sum / jnp.maximum(jnp.sum(w), 1.0), (loss_sum, logits)
+
+    grad, (loss_sum, logits) = jax.grad(loss, has_aux=True)(params)
+    return grad, batch_stats(loss_sum, logits, batch)
+
+  return grad_fn
+
+
+def batch_stats(loss_sum: jax.Array, logits: jax.Array, batch: Batch) -> dict:
+  """The loss and accuracy sums every `GradientFn` reports."""
+  hit = (jnp.argmax(logits, -1) == batch.y) & batch.mask
+  return {"loss_sum": loss_sum, "correct": jnp.sum(hit.astype(jnp.float32))}
+
+
+def client_optimizer(name: str, hparams: dict) -> optax.GradientTransformation:
+  """Local optax optimiser; learning rate and momentum may be traced arrays."""
+  lr = hparams["client_lr"]
+  if name == "sgd":
+    return optax.sgd(lr)
+  if name == "momentum":
+    return optax.sgd(lr, momentum=hparams["client_momentum"])
+  if name == "adam":
+    return optax.adam(lr)
+  raise ValueError(f"client.optimizer={name!r} must be one of {CLIENT_OPTIMIZERS}")
+
+
+def epoch_batches(key: jax.Array, count: jax.Array,
+                  schedule: LocalSchedule) -> tuple[jax.Array, jax.Array]:
+  """Shuffled batches for every local step: indices `[S, B]`, active flags `[S]`.
+
+  Each epoch is a random permutation with the real examples first, cut into
+  `steps_per_epoch` batches; batches past the client's data are inactive.
+  With `schedule.steps` > 0 each step is an independent uniform batch instead.
+  """
+  n, b = schedule.max_examples, schedule.batch_size
+  padded = schedule.steps_per_epoch * b
+  real = jnp.arange(n) < count
+
+  def permutation(k):
+    u = jax.random.uniform(k, (n,))
+    order = jnp.argsort(jnp.where(real, u, 2.0 + u))
+    return jnp.pad(order, (0, padded - n), constant_values=n - 1)
+
+  if schedule.steps > 0:
+    keys = jax.random.split(key, schedule.steps)
+    idx = jax.vmap(lambda k: permutation(k)[:b])(keys)
+    return idx, jnp.ones((schedule.steps,), bool)
+  keys = jax.random.split(key, schedule.epochs)
+  idx = jax.vmap(permutation)(keys).reshape(schedule.epochs, -1, b)
+  active = jnp.arange(schedule.steps_per_epoch) * b < count
+  return idx.reshape(-1, b), jnp.tile(active, schedule.epochs)
+
+
+def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
+                       schedule: LocalSchedule, optimizer: str,
+                       mean: float, std: float):
+  """Builds `client_update(global_params, data, key, hparams) -> (delta, metrics)`.
+
+  Args:
+    apply_fn: `(params, x [B,H,W,C]) -> logits [B, classes]`.
+    grad_fn: the gradient of one local step (see `GradientFn`).
+    schedule: static local-training shape.
+    optimizer: name in CLIENT_OPTIMIZERS.
+    mean, std: fixed normalisation constants of the data set.
+
+  The returned function is pure: `delta = local_params - global_params`;
+  `metrics` holds sums (`loss_sum`, `correct`, `examples`, `steps`, plus the
+  gradient stats) so chunks aggregate by addition. `hparams` carries the traced
+  hyperparameters (`client_lr`, `client_momentum`, `prox_mu`, ...).
+  """
+
+  def client_update(global_params, data: ClientData, key, hparams):
+    batch_key, step_key = jax.random.split(key)
+    opt = client_optimizer(optimizer, hparams)
+    idx, active = epoch_batches(batch_key, data.count, schedule)
+    step_keys = jax.random.split(step_key, schedule.num_steps)
+    real = jnp.arange(schedule.max_examples) < data.count
+
+    def step(carry, inputs):
+      params, opt_state, metrics = carry
+      index, is_active, k = inputs
+      batch = Batch(normalize(data.images[index], mean, std), data.labels[index],
+                    data.patients[index], real[index] & is_active)
+      grad, stats = grad_fn(params, batch, k, hparams)
+      prox = jax.tree.map(lambda p, g: hparams["prox_mu"] * (p - g), params,
+                          global_params)
+      grad = jax.tree.map(jnp.add, grad, prox)
+      updates, new_state = opt.update(grad, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      keep = lambda new, old: jax.tree.map(
+          lambda a, b: jnp.where(is_active, a, b), new, old)
+      step_metrics = {
+          "examples": jnp.sum(batch.mask.astype(jnp.float32)),
+          "steps": is_active.astype(jnp.float32),
+          **stats,
+      }
+      metrics = jax.tree.map(jnp.add, metrics, step_metrics)
+      return (keep(new_params, params), keep(new_state, opt_state), metrics), None
+
+    zero_stats = jax.eval_shape(
+        lambda: grad_fn(global_params, _dummy_batch(data, schedule, mean, std), key,
+                        hparams)[1])
+    metrics0 = {k: jnp.float32(0.0) for k in ("examples", "steps", *zero_stats)}
+    carry = (global_params, opt.init(global_params), metrics0)
+    (params, _, metrics), _ = jax.lax.scan(
+        step, carry, (idx, active, step_keys), unroll=schedule.unroll)
+    delta = jax.tree.map(jnp.subtract, params, global_params)
+    return delta, metrics
+
+  return client_update
+
+
+def _dummy_batch(data: ClientData, schedule: LocalSchedule, mean, std) -> Batch:
+  index = jnp.zeros((schedule.batch_size,), jnp.int32)
+  return Batch(normalize(data.images[index], mean, std), data.labels[index],
+               data.patients[index], jnp.zeros((schedule.batch_size,), bool))

@@ -1,0 +1,137 @@
+"""Flax models, used functionally on params pytrees (no mutable state, no BatchNorm).
+
+Both models take a normalised float image batch `[B, H, W, C]` and return logits
+`[B, num_classes]`. `conv="patches"` lowers each convolution as image patches
+followed by an einsum: the same parameters and the same function as `conv="xla"`
+(`lax.conv`), but it batches far better when vmapped over clients whose weights
+differ (XLA:CPU lowers a vmapped `lax.conv` with per-client weights poorly).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ("xla", "patches")
+
+
+class PatchConv(nn.Module):
+  """2-D convolution as patches + einsum; parameters named like `nn.Conv`."""
+
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: str = "SAME"
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    cin = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (kh, kw, cin, self.features))
+    patches = jax.lax.conv_general_dilated_patches(
+        x, (kh, kw), tuple(self.strides), self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # Patch channels are ordered (cin, kh, kw); reorder the kernel to match.
+    w = kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, self.features)
+    y = jnp.einsum("bhwk,kf->bhwf", patches, w)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    return y
+
+
+def conv_module(impl: str) -> Callable[..., nn.Module]:
+  """The convolution class for `impl` in CONV_IMPLS."""
+  if impl == "xla":
+    return nn.Conv
+  if impl == "patches":
+    return PatchConv
+  raise ValueError(f"engine.conv={impl!r} must be one of {CONV_IMPLS + ('auto',)}")
+
+
+class SmallCNN(nn.Module):
+  """conv16 3x3 - avgpool - conv32 3x3 - avgpool - dense64 - dense(num_classes)."""
+
+  num_classes: int = 3
+  conv: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = conv_module(self.conv)
+    x = nn.relu(conv(16, (3, 3), name="conv1")(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = nn.relu(conv(32, (3, 3), name="conv2")(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(64, name="dense1")(x))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+class ResidualBlock(nn.Module):
+  """Basic ResNet block with GroupNorm."""
+
+  features: int
+  strides: int = 1
+  conv: str = "xla"
+  groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = conv_module(self.conv)
+    s = (self.strides, self.strides)
+    y = conv(self.features, (3, 3), strides=s, use_bias=False, name="conv1")(x)
+    y = nn.relu(nn.GroupNorm(num_groups=self.groups, name="norm1")(y))
+    y = conv(self.features, (3, 3), use_bias=False, name="conv2")(y)
+    y = nn.GroupNorm(num_groups=self.groups, name="norm2")(y)
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = conv(self.features, (1, 1), strides=s, use_bias=False, name="proj")(x)
+      x = nn.GroupNorm(num_groups=self.groups, name="proj_norm")(x)
+    return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+  """ResNet-18 with GroupNorm (DP-compatible: no batch statistics)."""
+
+  num_classes: int = 3
+  conv: str = "xla"
+  width: int = 64
+  groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = conv_module(self.conv)
+    small = x.shape[1] <= 64  # CIFAR-style stem for small images
+    if small:
+      x = conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+    else:
+      x = conv(self.width, (7, 7), strides=(2, 2), use_bias=False, name="stem")(x)
+    x = nn.relu(nn.GroupNorm(num_groups=self.groups, name="stem_norm")(x))
+    if not small:
+      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+    for stage, blocks in enumerate((2, 2, 2, 2)):
+      for b in range(blocks):
+        strides = 2 if stage > 0 and b == 0 else 1
+        x = ResidualBlock(self.width * 2**stage, strides, self.conv, self.groups,
+                          name=f"stage{stage + 1}_block{b + 1}")(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+MODELS = {"cnn": SmallCNN, "resnet18": ResNet18}
+
+
+def make_model(name: str, *, num_classes: int, conv: str = "xla") -> nn.Module:
+  """The Flax module registered as `name` (see MODELS)."""
+  if name not in MODELS:
+    raise ValueError(f"model={name!r} must be one of {sorted(MODELS)}")
+  return MODELS[name](num_classes=num_classes, conv=conv)
+
+
+def has_batch_norm(params) -> bool:
+  """True if a params/variables tree holds BatchNorm (refused for DP)."""
+  names = jax.tree_util.tree_flatten_with_path(params)[0]
+  return any("BatchNorm" in jax.tree_util.keystr(path) for path, _ in names)
