@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.dp.delta = 1e-5
   c.dp.accountant = "rdp"        # rdp | pld
   c.dp.target_epsilon = 0.0      # > 0: stop before exceeding this budget
+  c.dp.max_batch_size = 0        # > 0: truncated Poisson batches (PLD); 0: exact Poisson
+  c.dp.clipping = "vmap"         # vmap | ghost: per-example gradient norms
+  c.dp.microbatch_size = 0       # > 0: per-example gradients in slices (memory)
 
   c.secure_agg = ml_collections.ConfigDict()
   c.secure_agg.enabled = False

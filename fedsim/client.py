@@ -153,15 +153,72 @@ def epoch_batches(key: jax.Array, count: jax.Array,
   return idx.reshape(-1, b), jnp.tile(active, schedule.epochs)
 
 
+def active_steps(count, schedule: LocalSchedule):
+  """Local steps a client with `count` examples takes (numpy or jax arrays).
+
+  `epochs * ceil(count / batch_size)`, or `schedule.steps` when fixed. The
+  accountant charges each hospital exactly this many steps.
+  """
+  if schedule.steps > 0:
+    return count * 0 + schedule.steps
+  return schedule.epochs * (-(-count // schedule.batch_size))
+
+
+def poisson_rate(count, batch_size: int):
+  """Per-step Poisson rate `min(1, batch_size / count)` of a hospital (np or jax).
+
+  The expected batch is `batch_size` examples; the accountant uses this function
+  too, so the rate that runs is the rate that is accounted.
+  """
+  return batch_size / (count * 1.0 + (count == 0)).clip(batch_size, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampler:
+  """Poisson sampling of privacy units at each local step (DP-SGD).
+
+  Each unit (an example, or a patient with all its images) is in a step's batch
+  independently with rate `poisson_rate(count, batch_size)`. The batch is a
+  fixed-size gather of `gather` examples: `gather == max_examples` is exact
+  Poisson (a mask over the whole local set); a smaller gather truncates
+  (accounted as a truncated subsampled Gaussian, and counted).
+  """
+
+  unit: str = "example"  # "example" | "patient"
+  gather: int = 0        # 0: exact, the whole local set
+
+  def expected_units(self, data: "ClientData", rate: jax.Array) -> jax.Array:
+    """Public expected units per step, the DP-SGD divisor (>= 1; padded clients)."""
+    units = data.count if self.unit == "example" else data.num_patients
+    return jnp.maximum(rate * units, 1.0)
+
+  def draw(self, key, data: "ClientData", real: jax.Array, rate: jax.Array):
+    """`(index [M], mask [M], truncated [])` for one local step."""
+    n = real.shape[0]
+    u_key, order_key = jax.random.split(key)
+    u = jax.random.uniform(u_key, (n,))
+    if self.unit == "patient":  # one draw per patient slot, shared by its images
+      u = u[jnp.clip(data.patients, 0, n - 1)]
+    selected = (u < rate) & real
+    gather = self.gather or n
+    if gather >= n:
+      return jnp.arange(n), selected, jnp.bool_(False)
+    v = jax.random.uniform(order_key, (n,))
+    index = jnp.argsort(jnp.where(selected, v, 2.0 + v))[:gather]
+    return index, selected[index], jnp.sum(selected) > gather
+
+
 def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
                        schedule: LocalSchedule, optimizer: str,
-                       mean: float, std: float):
+                       mean: float, std: float,
+                       sampler: PoissonSampler | None = None):
   """Builds `client_update(global_params, data, key, hparams) -> (delta, metrics)`.
 
   Args:
     apply_fn: `(params, x [B,H,W,C]) -> logits [B, classes]`.
     grad_fn: the gradient of one local step (see `GradientFn`).
     schedule: static local-training shape.
+    sampler: None for shuffled epochs; a `PoissonSampler` for DP-SGD.
     optimizer: name in CLIENT_OPTIMIZERS.
     mean, std: fixed normalisation constants of the data set.
 
@@ -174,45 +231,53 @@ def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
   def client_update(global_params, data: ClientData, key, hparams):
     batch_key, step_key = jax.random.split(key)
     opt = client_optimizer(optimizer, hparams)
-    idx, active = epoch_batches(batch_key, data.count, schedule)
-    step_keys = jax.random.split(step_key, schedule.num_steps)
     real = jnp.arange(schedule.max_examples) < data.count
+    step_keys = jax.random.split(step_key, schedule.num_steps)
+    if sampler is None:
+      idx, active = epoch_batches(batch_key, data.count, schedule)
+    else:  # drawn inside the step; only the active flags are precomputed
+      idx = jnp.zeros((schedule.num_steps, 1), jnp.int32)
+      active = jnp.arange(schedule.num_steps) < active_steps(data.count, schedule)
+      rate = poisson_rate(data.count, schedule.batch_size)
 
-    def step(carry, inputs):
-      params, opt_state, metrics = carry
+    def local_step(params, opt_state, inputs):
+      """One local step -> (params, opt_state, step metrics); no-op if inactive."""
       index, is_active, k = inputs
+      draw_key, grad_key = jax.random.split(k)
+      step_hparams, extra = hparams, {}
+      if sampler is None:
+        mask = real[index]
+      else:
+        index, mask, truncated = sampler.draw(draw_key, data, real, rate)
+        step_hparams = {**hparams, "expected_units": sampler.expected_units(data, rate)}
+        extra["truncated_steps"] = (truncated & is_active).astype(jnp.float32)
       batch = Batch(normalize(data.images[index], mean, std), data.labels[index],
-                    data.patients[index], real[index] & is_active)
-      grad, stats = grad_fn(params, batch, k, hparams)
+                    data.patients[index], mask & is_active)
+      grad, stats = grad_fn(params, batch, grad_key, step_hparams)
       prox = jax.tree.map(lambda p, g: hparams["prox_mu"] * (p - g), params,
                           global_params)
       grad = jax.tree.map(jnp.add, grad, prox)
       updates, new_state = opt.update(grad, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
       keep = lambda new, old: jax.tree.map(
           lambda a, b: jnp.where(is_active, a, b), new, old)
-      step_metrics = {
-          "examples": jnp.sum(batch.mask.astype(jnp.float32)),
-          "steps": is_active.astype(jnp.float32),
-          **stats,
-      }
-      metrics = jax.tree.map(jnp.add, metrics, step_metrics)
-      return (keep(new_params, params), keep(new_state, opt_state), metrics), None
+      metrics = {"examples": jnp.sum(batch.mask.astype(jnp.float32)),
+                 "steps": is_active.astype(jnp.float32), **stats, **extra}
+      return (keep(optax.apply_updates(params, updates), params),
+              keep(new_state, opt_state), metrics)
 
-    zero_stats = jax.eval_shape(
-        lambda: grad_fn(global_params, _dummy_batch(data, schedule, mean, std), key,
-                        hparams)[1])
-    metrics0 = {k: jnp.float32(0.0) for k in ("examples", "steps", *zero_stats)}
-    carry = (global_params, opt.init(global_params), metrics0)
+    def scan_step(carry, inputs):
+      params, opt_state, totals = carry
+      params, opt_state, metrics = local_step(params, opt_state, inputs)
+      return (params, opt_state, jax.tree.map(jnp.add, totals, metrics)), None
+
+    opt_state = opt.init(global_params)
+    first = (idx[0], active[0], step_keys[0])
+    totals = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), jax.eval_shape(
+        local_step, global_params, opt_state, first)[2])
     (params, _, metrics), _ = jax.lax.scan(
-        step, carry, (idx, active, step_keys), unroll=schedule.unroll)
+        scan_step, (global_params, opt_state, totals), (idx, active, step_keys),
+        unroll=schedule.unroll)
     delta = jax.tree.map(jnp.subtract, params, global_params)
     return delta, metrics
 
   return client_update
-
-
-def _dummy_batch(data: ClientData, schedule: LocalSchedule, mean, std) -> Batch:
-  index = jnp.zeros((schedule.batch_size,), jnp.int32)
-  return Batch(normalize(data.images[index], mean, std), data.labels[index],
-               data.patients[index], jnp.zeros((schedule.batch_size,), bool))

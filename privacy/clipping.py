@@ -25,7 +25,8 @@ book-keeps the clipped sum (see privacy/ghost.py for the layers it supports).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -202,7 +203,8 @@ def _weighted_sum(factors: jax.Array, ok: jax.Array, grads: PyTree) -> PyTree:
   """`sum_u factors[u] * grads[u]`, dropped units removed by `where`."""
   def one(g):
     g = jnp.where(ok.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0)
-    return jnp.tensordot(factors.astype(g.dtype), g, axes=1)
+    return jnp.tensordot(factors.astype(g.dtype), g, axes=1,
+                         precision=jax.lax.Precision.HIGHEST)
   return jax.tree.map(one, grads)
 
 
@@ -219,9 +221,8 @@ def _example_core_vmap(loss_fn, params, batch, valid, clip_norm):
 
 def _example_core_ghost(loss_fn, params, batch, valid, clip_norm):
   terms = ghost.record(loss_fn, params, batch, valid)
-  sq = terms.unit_sq_norms(None, None)
-  factors, _, counts = _clip_factors(sq, valid, terms.example_finite,
-                                     clip_norm)
+  factors, _, counts = _clip_factors(terms.unit_sq_norms, valid,
+                                     terms.example_finite, clip_norm)
   return terms.weighted_grad(factors), counts
 
 
@@ -287,11 +288,11 @@ def _grouped(loss_fn, params, batch, valid, groups, num_groups, clip_norm,
     factors, ok, counts = _clip_factors(_sq_norms(unit_grads), unit_valid,
                                         True, clip_norm)
     return _weighted_sum(factors, ok, unit_grads), counts
-  terms = ghost.record(loss_fn, params, batch, valid)
+  terms = ghost.record(loss_fn, params, batch, valid, seg, num_groups)
   bad = jax.ops.segment_sum((~terms.example_finite).astype(jnp.int32), seg,
                             num_groups + 1)[:num_groups]
-  sq = terms.unit_sq_norms(seg, num_groups)
-  factors, _, counts = _clip_factors(sq, unit_valid, bad == 0, clip_norm)
+  factors, _, counts = _clip_factors(terms.unit_sq_norms, unit_valid, bad == 0,
+                                     clip_norm)
   weights = jnp.where(valid, factors[jnp.clip(seg, 0, num_groups - 1)], 0.0)
   return terms.weighted_grad(weights), counts
 
@@ -377,9 +378,11 @@ def clipped_grad_sum(
                              groups, num_groups, clip_norm, method,
                              microbatch_size)
   else:
-    core = {"vmap": _example_core_vmap, "ghost": _example_core_ghost}[method]
-    core = lambda p, b, v, core=core: core(per_example_loss_fn, p, b, v,
-                                           clip_norm)
+    example_core = {"vmap": _example_core_vmap,
+                    "ghost": _example_core_ghost}[method]
+
+    def core(p, b, v):
+      return example_core(per_example_loss_fn, p, b, v, clip_norm)
     if microbatch_size is None:
       total, counts = core(params, batch, valid)
     else:

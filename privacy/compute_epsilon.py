@@ -108,6 +108,9 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   try:
     if _CONFIG.value is not None:
+      given = [f.name for f in (_SAMPLING_RATE, _NOISE, _TARGET, _STEPS) if f.value is not None]
+      if given:
+        raise ValueError(f"--config takes its parameters from the config, not --{given[0]}")
       lines = _config_lines(_CONFIG.value)
     else:
       text, value = compute(

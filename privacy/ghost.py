@@ -1,7 +1,7 @@
 """Ghost clipping: per-unit gradient norms without per-example gradients.
 
-The gradient of a linear layer `y_t = W^T a_t + b` (tokens t: 1 for a dense layer
-on a vector, the spatial positions of a convolution, whose `a_t` are the
+The gradient of a linear layer `y_t = W^T a_t + b` (tokens t: 1 for a dense
+layer on a vector, the spatial positions of a convolution, whose `a_t` are the
 unfolded input patches) for one example is `sum_t a_t g_t^T`, where
 `g_t = dL/dy_t`. Its squared Frobenius norm is either
 
@@ -42,13 +42,14 @@ Requirements on the loss (checked where possible, else documented):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import itertools
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 from flax.linen import linear as flax_linear
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -153,24 +154,50 @@ def _conv_call(module: nn.Module, x: jax.Array, leaves) -> _Call:
   elif padding == "CAUSAL":
     pads = [(0, 0), (rhs_dil[0] * (ks[0] - 1), 0), (0, 0)]
     pre_pad, padding = (lambda v: jnp.pad(v, pads)), "VALID"
-  spatial = "DHW"[3 - n:]
-  dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-
   def prep(v: jax.Array) -> jax.Array:
     if pre_pad is not None:
       v = pre_pad(v)
-    p = jax.lax.conv_general_dilated_patches(
-        v, ks, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-        dimension_numbers=dn, precision=_HIGHEST)
-    return p.reshape(p.shape[0], -1, p.shape[-1])
+    return _patches(v, ks, strides, padding, lhs_dil, rhs_dil)
 
   def to_leaf(kf: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    # Patch channels are ordered (in, *kernel_size); kernels (*kernel_size, in).
-    cin = kf.shape[0] // int(np.prod(ks))
-    return jnp.moveaxis(kf.reshape((cin,) + ks + (kf.shape[1],)), 0, n).reshape(
-        shape)
+    return kf.reshape(shape)  # patch channels are (*kernel_size, in): HWIO
 
   return _Call("linear", leaves, prep, to_leaf)
+
+
+def _patches(x: jax.Array, ks: tuple[int, ...], strides: tuple[int, ...],
+             padding, lhs_dil: tuple[int, ...], rhs_dil: tuple[int, ...]
+             ) -> jax.Array:
+  """Unfolded conv patches `[M, T, prod(ks) * C]`, channels `(*ks, C)`.
+
+  Strided slices of the padded input: on XLA:CPU far cheaper than
+  `lax.conv_general_dilated_patches` (an identity-kernel convolution), which
+  is kept for input dilation only.
+  """
+  m, c, n = x.shape[0], x.shape[-1], len(ks)
+  if any(d != 1 for d in lhs_dil):
+    spatial = "DHW"[3 - n:]
+    dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+    p = jax.lax.conv_general_dilated_patches(
+        x, ks, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
+        dimension_numbers=dn, precision=_HIGHEST)
+    p = p.reshape(p.shape[:-1] + (c, -1))  # (C, *ks) -> (*ks, C)
+    return jnp.swapaxes(p, -1, -2).reshape(m, -1, p.shape[-1] * c)
+  window = tuple((k - 1) * d + 1 for k, d in zip(ks, rhs_dil))
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:-1], window, strides, padding)
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                  [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] +
+                  [(0, 0, 0)])
+  out = [(size - w) // s + 1 for size, w, s in zip(x.shape[1:-1], window,
+                                                     strides)]
+  slices = []
+  for offset in itertools.product(*(range(k) for k in ks)):
+    start = [o * d for o, d in zip(offset, rhs_dil)]
+    limit = [b + (o - 1) * s + 1 for b, o, s in zip(start, out, strides)]
+    slices.append(jax.lax.slice(x, [0] + start + [0], [m] + limit + [c],
+                                (1,) + tuple(strides) + (1,)))
+  return jnp.stack(slices, axis=-2).reshape(m, -1, len(slices) * c)
 
 
 def _norm_call(module: nn.Module, kwargs, leaves) -> _Call:
@@ -203,6 +230,10 @@ def _describe(module: nn.Module, args, kwargs,
     return None  # parameters not being differentiated
   if not args:
     raise _unsupported(module, "input passed by keyword")
+  if any(getattr(module, a, None) is not None for a in (
+      "dot_general", "dot_general_cls", "conv_general_dilated",
+      "conv_general_dilated_cls")):
+    raise _unsupported(module, "a custom dot_general / conv_general_dilated")
   if kind is nn.Dense:
     return _dense_call(module, leaves)
   if kind in (nn.GroupNorm, nn.LayerNorm):
@@ -244,56 +275,27 @@ def _all_finite(x: jax.Array) -> jax.Array:
 
 
 class GhostTerms:
-  """Per-leaf (tokens or vector) terms of the per-example gradients.
+  """Per-unit squared norms and a weighted-sum builder for one batch.
 
-  Built by `record`; every array is finite (non-finite examples zeroed, see
-  `example_finite`). Each leaf's per-example gradient is either
-  `sum_t A[m, t]^T G[m, t]` ("tokens", `A [M, T, K]`, `G [M, T, F]`) or a
-  vector `V [M, P]`.
+  Each params leaf's per-example gradient is kept as either "tokens"
+  `sum_t A[m, t]^T G[m, t]` (`A [M, T, K]`, `G [M, T, F]`, Gram form) or an
+  explicit vector `V [M, P]`. Every array is finite: examples with non-finite
+  activations or output gradients are zeroed (see `example_finite`).
+
+  Attributes:
+    example_finite: bool `[M]`, False where an example's layer inputs or
+      output gradients are not all finite.
+    unit_sq_norms: float `[U]` (or `[M]` without units) squared gradient norm
+      of each unit over all params.
   """
 
   def __init__(self, leaves: list, treedef, terms: dict,
-               example_finite: jax.Array):
+               example_finite: jax.Array, unit_sq_norms: jax.Array):
     self._leaves = leaves
     self._treedef = treedef
     self._terms = terms
-    self.example_finite = example_finite  # bool [M]
-
-  def _explicit(self, m: int, t: int, k: int, f: int,
-                num_units: int | None) -> bool:
-    """True when per-example [K, F] matrices cost fewer FLOPs than Grams."""
-    gram = t * t * (k + f) * (1 if num_units is None else m)
-    return t * k * f < gram
-
-  def unit_sq_norms(self, segment_ids: jax.Array | None,
-                    num_units: int | None) -> jax.Array:
-    """Squared gradient norm of every unit.
-
-    Args:
-      segment_ids: int `[M]` unit of each example (`num_units` = dropped), or
-        None for one unit per example.
-      num_units: the number of units U (static), None with `segment_ids`.
-
-    Returns:
-      `[U]` (or `[M]`) squared L2 norms over all params.
-    """
-    total = 0.0
-    for idx, term in self._terms.items():
-      if term[0] == "tokens":
-        _, a, g, _ = term
-        m, t, k = a.shape
-        f = g.shape[-1]
-        if self._explicit(m, t, k, f, num_units):
-          e = jnp.einsum("mtk,mtf->mkf", a, g, precision=_HIGHEST)
-          # Keep the explicit matrices: weighted_grad then sums them.
-          self._terms[idx] = ("vec", e.reshape(m, -1),
-                              lambda v, k=k, f=f, fn=term[3]: fn(v.reshape(k, f)))
-          total = total + _vec_sq(e.reshape(m, -1), segment_ids, num_units)
-        else:
-          total = total + _gram_sq(a, g, segment_ids, num_units)
-      else:
-        total = total + _vec_sq(term[1], segment_ids, num_units)
-    return total
+    self.example_finite = example_finite
+    self.unit_sq_norms = unit_sq_norms
 
   def weighted_grad(self, weights: jax.Array) -> PyTree:
     """`sum_m weights[m] * grad_m` as a params pytree.
@@ -318,6 +320,35 @@ class GhostTerms:
     return jax.tree.unflatten(self._treedef, out)
 
 
+def _explicit_is_cheaper(m: int, t: int, k: int, f: int, grouped: bool
+                         ) -> bool:
+  """Per-example `[K, F]` matrices (T K F) vs Gram (T^2 (K + F), x M grouped).
+
+  Grouped Grams pair every two examples (only same-unit pairs count).
+  """
+  return t * k * f < t * t * (k + f) * (m if grouped else 1)
+
+
+def _finalize(terms: dict, segment_ids, num_units) -> tuple[dict, jax.Array]:
+  """Picks the cheaper form per leaf and sums squared norms per unit."""
+  total = 0.0
+  out = {}
+  for idx, term in terms.items():
+    if term[0] == "tokens":
+      _, a, g, to_leaf = term
+      (m, t, k), f = a.shape, g.shape[-1]
+      if _explicit_is_cheaper(m, t, k, f, segment_ids is not None):
+        e = jnp.einsum("mtk,mtf->mkf", a, g,
+                       precision=_HIGHEST).reshape(m, k * f)
+        term = ("vec", e, lambda v, k=k, f=f, fn=to_leaf: fn(v.reshape(k, f)))
+      else:
+        total = total + _gram_sq(a, g, segment_ids, num_units)
+    if term[0] == "vec":
+      total = total + _vec_sq(term[1], segment_ids, num_units)
+    out[idx] = term
+  return out, total
+
+
 def _vec_sq(v: jax.Array, segment_ids, num_units) -> jax.Array:
   if segment_ids is not None:
     v = jax.ops.segment_sum(v, segment_ids, num_units + 1)[:num_units]
@@ -337,8 +368,9 @@ def _gram_sq(a: jax.Array, g: jax.Array, segment_ids, num_units) -> jax.Array:
   return jnp.einsum("iu,ij,ju->u", onehot, pair, onehot, precision=_HIGHEST)
 
 
-def record(loss_fn: LossFn, params: PyTree, batch: PyTree,
-           valid: jax.Array) -> GhostTerms:
+def record(loss_fn: LossFn, params: PyTree, batch: PyTree, valid: jax.Array,
+           segment_ids: jax.Array | None = None,
+           num_units: int | None = None) -> GhostTerms:
   """One forward and one activation-only backward pass, book-kept per layer.
 
   Args:
@@ -346,6 +378,9 @@ def record(loss_fn: LossFn, params: PyTree, batch: PyTree,
     params: the params pytree `loss_fn` takes.
     batch: pytree of `[M, ...]` arrays (invalid examples already zeroed).
     valid: bool `[M]`; invalid examples get zero output gradients.
+    segment_ids: optional int `[M]` unit of each example (`num_units` for
+      none); without it every example is its own unit.
+    num_units: static number of units U (with `segment_ids`).
 
   Returns:
     The GhostTerms of this batch.
@@ -357,9 +392,12 @@ def record(loss_fn: LossFn, params: PyTree, batch: PyTree,
   shapes: list = []
   jax.eval_shape(lambda p, b: _forward(p, b, None, calls, shapes, loss_fn),
                  params, batch)
+  _check_coverage(params, calls)
   probes = [jnp.zeros(s.shape, s.dtype) for s in shapes]
   calls.clear()
-  fwd = lambda p, pr: _forward(p, batch, pr, calls, [], loss_fn)
+
+  def fwd(p, pr):
+    return _forward(p, batch, pr, calls, [], loss_fn)
   losses, vjp_fn, inputs = jax.vjp(fwd, params, probes, has_aux=True)
   if len(calls) != len(probes):
     raise ValueError("per_example_loss_fn must call the same layers each time")
@@ -367,10 +405,28 @@ def record(loss_fn: LossFn, params: PyTree, batch: PyTree,
 
   finite = jnp.ones(valid.shape, bool)
   for x, g in zip(inputs, gouts):
+    if x.shape[:1] != valid.shape or g.shape[:1] != valid.shape:
+      raise ValueError(
+          f"method='ghost' needs every layer to see the batch on axis 0; a "
+          f"layer got input {x.shape} / output {g.shape} for a batch of "
+          f"{valid.shape[0]}; use method='vmap'")
     finite = finite & _all_finite(x) & _all_finite(g)
-  keep = lambda x: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
 
   leaves, treedef = jax.tree.flatten(params)
+  terms = _layer_terms(calls, inputs, gouts, finite, leaves)
+  terms, sq_norms = _finalize(terms, segment_ids, num_units)
+  return GhostTerms(leaves, treedef, terms, finite, sq_norms)
+
+
+def _layer_terms(calls: list[_Call], inputs: list, gouts: list,
+                 finite: jax.Array, leaves: list) -> dict[int, tuple]:
+  """Per params leaf: ("tokens", A, G, to_leaf) or ("vec", V, to_leaf).
+
+  Non-finite examples are zeroed first, so every term is finite.
+  """
+  def keep(x):
+    return jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
   terms: dict[int, tuple] = {}
   for call, x, g in zip(calls, inputs, gouts):
     x, g = keep(x), keep(g)
@@ -379,25 +435,29 @@ def record(loss_fn: LossFn, params: PyTree, batch: PyTree,
     xhat = call.prep(x).reshape(m, -1, f) if call.kind == "norm" else None
     for name, idx in call.leaves:
       shape = leaves[idx].shape
-      if name == "kernel":
+      if name == "kernel" and call.kind == "linear":
         new = ("tokens", call.prep(x), gt,
                lambda kf, s=shape, fn=call.to_leaf: fn(kf, s))
-      elif name in ("bias", "scale"):
+      elif name == "bias" or (name == "scale" and call.kind == "norm"):
         v = gt.sum(1) if name == "bias" else jnp.sum(gt * xhat, axis=1)
         new = ("vec", v, lambda kf, s=shape: kf.reshape(s))
       else:
         raise ValueError(f"method='ghost': unknown parameter {name!r}")
       terms[idx] = _merge(terms.get(idx), new)
+  return terms
 
+
+def _check_coverage(params: PyTree, calls: list[_Call]):
+  """Raises unless every params leaf is a parameter of an intercepted layer."""
+  covered = {idx for call in calls for _, idx in call.leaves}
   missing = [jax.tree_util.keystr(p) for i, (p, _) in enumerate(
-      jax.tree_util.tree_flatten_with_path(params)[0]) if i not in terms]
+      jax.tree_util.tree_flatten_with_path(params)[0]) if i not in covered]
   if missing:
     raise ValueError(
         f"method='ghost' cannot compute per-example norms for params "
         f"{missing}: they are not parameters of nn.Dense / nn.Conv / "
         f"registered conv / nn.GroupNorm / nn.LayerNorm layers called on the "
         f"batch inside per_example_loss_fn; use method='vmap'")
-  return GhostTerms(leaves, treedef, terms, finite)
 
 
 def _merge(old: tuple | None, new: tuple) -> tuple:

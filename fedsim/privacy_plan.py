@@ -1,0 +1,181 @@
+"""One privacy plan per run: sampler, clipping, noise and DpEvent built together.
+
+`make_plan(config, fed, ...)` returns everything the round needs to be private at
+the configured level, from the same config fields and the same functions, so the
+mechanism that runs and the mechanism that is accounted cannot drift apart
+(invariant 1 of shared/DESIGN.md):
+
+- `none`: shuffled local epochs, mean gradients, weighted FedAvg.
+- `example` / `patient`: DP-SGD in every hospital. Each local step Poisson-samples
+  units with rate `client.poisson_rate(n_k, batch_size)`, clips each unit's
+  gradient to C, adds N(0, (sigma C)^2) to the sum and divides by the expected
+  units per step. Each hospital's ledger composes `active_steps(n_k)` Poisson
+  subsampled Gaussians per round in which it took part.
+- `client`: DP-FedAvg. Poisson cohorts with rate q, each delta clipped to S
+  (`dp.clip_norm`), N(0, (sigma S)^2) once per round on the sum, division by the
+  expected cohort `q * num_clients`; one ledger entry per round for everyone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedsim import client as client_lib
+from fedsim.data.base import FederatedData
+from privacy import accounting, clipping
+
+UNITS = {"none": None, "example": "example", "patient": "patient", "client": "hospital"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+  """What the round loop needs from the privacy configuration.
+
+  Attributes:
+    unit: privacy unit (None, "example", "patient", "hospital").
+    grad_fn: the `client.GradientFn` of a local step.
+    sampler: `client.PoissonSampler` for DP-SGD, None for shuffled epochs.
+    weighting: aggregation weighting of client deltas.
+    delta_transform: per-client `(delta, hparams) -> (delta, stats)` or None.
+    finalize: `(round sums, key, hparams) -> mean delta` (None: skip the step).
+    ledger: `privacy.accounting.PrivacyLedger` or None.
+  """
+
+  unit: Optional[str]
+  grad_fn: Callable
+  sampler: Optional[client_lib.PoissonSampler]
+  weighting: str
+  delta_transform: Optional[Callable]
+  finalize: Callable
+  ledger: Any
+
+  def round_stats(self, sums: dict) -> dict:
+    """Human-readable privacy statistics from one round's metric sums."""
+    out = {}
+    if "num_units" in sums:
+      out["clipped_fraction"] = sums["num_clipped"] / max(sums["num_units"], 1.0)
+      out["nonfinite_units"] = sums["num_nonfinite"]
+    if "truncated_steps" in sums:
+      out["truncated_fraction"] = sums["truncated_steps"] / max(sums["steps"], 1.0)
+    if "delta_clipped" in sums:
+      out["clipped_fraction"] = sums["delta_clipped"] / max(sums["clients"], 1.0)
+    return out
+
+
+def weighted_mean(result, key, hparams):
+  """Plain FedAvg: sum of weighted deltas / sum of weights; None if no client."""
+  del key, hparams
+  total = float(result.weight_sum)
+  if total == 0.0:
+    return None
+  return jax.tree.map(lambda d: d / total, result.delta_sum)
+
+
+def dp_sgd_gradient(apply_fn: Callable, *, unit: str, num_groups: int,
+                    method: str, microbatch_size: int) -> client_lib.GradientFn:
+  """DP-SGD step gradient: clip per unit, sum, noise, divide by expected units."""
+
+  def per_example_loss(params, batch):
+    return client_lib.cross_entropy(apply_fn(params, batch["x"]), batch["y"])
+
+  def grad_fn(params, batch: client_lib.Batch, key, hparams):
+    grad_sum, stats = clipping.clipped_grad_sum(
+        per_example_loss, params, {"x": batch.x, "y": batch.y}, batch.mask,
+        clip_norm=hparams["clip_norm"],
+        groups=batch.patients if unit == "patient" else None,
+        num_groups=num_groups if unit == "patient" else None,
+        method=method, microbatch_size=microbatch_size or None)
+    grad = clipping.privatize(
+        grad_sum, key, clip_norm=hparams["clip_norm"],
+        noise_multiplier=hparams["noise_multiplier"],
+        expected_batch_size=hparams["expected_units"])
+    # Loss and accuracy for the metrics only (not part of the mechanism's output).
+    logits = apply_fn(params, batch.x)
+    w = batch.mask.astype(jnp.float32)
+    loss_sum = jnp.sum(w * client_lib.cross_entropy(logits, batch.y))
+    return grad, {**client_lib.batch_stats(loss_sum, logits, batch),
+                  "num_units": stats.num_units.astype(jnp.float32),
+                  "num_clipped": stats.num_clipped.astype(jnp.float32),
+                  "num_nonfinite": stats.num_nonfinite.astype(jnp.float32)}
+
+  return grad_fn
+
+
+def clip_delta(delta, hparams):
+  """Client-level DP: each hospital's delta clipped to S = dp.clip_norm."""
+  clipped, norm = clipping.clip_tree(delta, hparams["clip_norm"])
+  return clipped, {"delta_clipped": (norm > hparams["clip_norm"]).astype(jnp.float32)}
+
+
+def make_plan(config, fed: FederatedData, apply_fn: Callable) -> PrivacyPlan:
+  """The privacy plan of `config` for the federation `fed` (validates first)."""
+  level = config.dp.level
+  if level == "none":
+    return PrivacyPlan(None, client_lib.mean_gradient(apply_fn), None,
+                       config.server.weighting, None, weighted_mean, None)
+  if level == "client":
+    return _client_level_plan(config, fed, apply_fn)
+  return _local_plan(config, fed, apply_fn, level)
+
+
+def local_sampling(config, fed: FederatedData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per-hospital (Poisson rate, local steps per round, units) of DP-SGD.
+
+  The same `client.poisson_rate` / `client.active_steps` the clients run with.
+  """
+  counts = fed.train.counts
+  schedule = client_lib.LocalSchedule(
+      max_examples=fed.train.max_examples, batch_size=config.client.batch_size,
+      epochs=config.client.local_epochs, steps=config.client.local_steps)
+  rates = client_lib.poisson_rate(counts, schedule.batch_size)
+  steps = client_lib.active_steps(counts, schedule)
+  units = counts if config.dp.level == "example" else fed.train.num_patients
+  return rates.astype(np.float64), steps.astype(np.int64), units
+
+
+def _local_plan(config, fed, apply_fn, level) -> PrivacyPlan:
+  rates, steps, units = local_sampling(config, fed)
+  accounting.validate_dp_params(
+      noise_multiplier=config.dp.noise_multiplier, sampling_rate=float(rates.max()),
+      delta=config.dp.delta, clip_norm=config.dp.clip_norm, population=int(units.max()))
+  gather = config.dp.max_batch_size
+  truncated = 0 < gather < fed.train.max_examples
+  ledger = accounting.PrivacyLedger.for_local_dp_sgd(
+      sampling_rates=rates, steps=steps, noise_multiplier=config.dp.noise_multiplier,
+      delta=config.dp.delta, accountant=config.dp.accountant, unit=level,
+      truncated_batch_size=gather if truncated else None,
+      dataset_sizes=units if truncated else None)
+  grad_fn = dp_sgd_gradient(apply_fn, unit=level, num_groups=fed.train.max_examples,
+                            method=config.dp.clipping, microbatch_size=config.dp.microbatch_size)
+  sampler = client_lib.PoissonSampler(unit=level, gather=gather if truncated else 0)
+  return PrivacyPlan(level, grad_fn, sampler, config.server.weighting, None,
+                     weighted_mean, ledger)
+
+
+def _client_level_plan(config, fed, apply_fn) -> PrivacyPlan:
+  q = config.client_sampling_rate
+  if q <= 0:
+    raise ValueError(
+        "client_sampling_rate=0.0 must be in (0, 1] for dp.level='client' "
+        "(DP-FedAvg is accounted for Poisson cohorts)")
+  accounting.validate_dp_params(
+      noise_multiplier=config.dp.noise_multiplier, sampling_rate=q,
+      delta=config.dp.delta, clip_norm=config.dp.clip_norm,
+      population=config.num_clients)
+  ledger = accounting.PrivacyLedger.for_client_level(
+      num_hospitals=config.num_clients, noise_multiplier=config.dp.noise_multiplier,
+      delta=config.dp.delta, sampling_rate=q, accountant=config.dp.accountant)
+  expected = q * config.num_clients
+
+  def finalize(result, key, hparams):
+    return clipping.privatize(
+        result.delta_sum, key, clip_norm=hparams["clip_norm"],
+        noise_multiplier=hparams["noise_multiplier"], expected_batch_size=expected)
+
+  return PrivacyPlan("hospital", client_lib.mean_gradient(apply_fn), None, "uniform",
+                     clip_delta, finalize, ledger)

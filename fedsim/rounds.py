@@ -1,0 +1,122 @@
+"""One federated round as compiled blocks of vmapped client chunks.
+
+A round's cohort is cut into fixed-size blocks (the last one masked); each block
+is one call of the same jitted program, which scans over chunks of the block and
+vmaps `client_update` over the clients of a chunk, keeping only the weighted sum
+of deltas and the sum of metrics. The host adds the block sums and the server
+steps once. Shapes never depend on the
+cohort drawn, so a run compiles the chunk program once, whatever the cohort size
+(fixed or Poisson) and however many rounds it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedsim import sampling, server
+from fedsim.client import ClientData
+from fedsim.data.base import ClientArrays
+
+PyTree = Any
+
+
+class ChunkResult(NamedTuple):
+  """Sums over one chunk's real clients."""
+
+  delta_sum: PyTree     # sum_k w_k * transform(delta_k)
+  weight_sum: jax.Array  # sum_k w_k
+  metrics: dict         # per-client metric sums, summed over clients
+
+
+def client_data(arrays: ClientArrays) -> ClientData:
+  """Host `ClientArrays` (leading client axis) -> a `ClientData` of arrays."""
+  return ClientData(arrays.images, arrays.labels, arrays.patients, arrays.counts,
+                    arrays.num_patients)
+
+
+def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
+                  delta_transform: Optional[Callable] = None) -> Callable:
+  """Builds the jitted `block_fn(params, data, valid, keys, hparams) -> ChunkResult`.
+
+  A block is `b` clients (a multiple of `chunk`): one jitted call that scans over
+  the block's chunks in-graph and vmaps `client_update` over the `chunk` clients
+  of each, carrying only the running sums (memory is one chunk's, whatever `b`).
+  `chunk=1` runs clients one at a time in-graph; `chunk=b` vmaps the whole block.
+
+  Args:
+    client_update: `(params, ClientData, key, hparams) -> (delta, metrics)`.
+    weighting: aggregation weighting, see `server.WEIGHTINGS`.
+    chunk: clients vmapped at once.
+    delta_transform: optional `(delta, hparams) -> (delta, stats)` applied to
+      each client's delta before the sum (client-level DP clips here); its
+      stats are summed with the metrics.
+
+  `data` is a `ClientData` with a leading block axis `[b, ...]`, `valid` bool
+  `[b]` marks real clients (padded ones contribute exactly zero), `keys` `[b]`.
+  """
+
+  def one_client(params, data, key, hparams):
+    delta, metrics = client_update(params, data, key, hparams)
+    if delta_transform is not None:
+      delta, stats = delta_transform(delta, hparams)
+      metrics = {**metrics, **stats}
+    return delta, metrics
+
+  def chunk_sums(params, data, valid, keys, hparams) -> ChunkResult:
+    deltas, metrics = jax.vmap(one_client, in_axes=(None, 0, 0, None))(
+        params, data, keys, hparams)
+    weights = server.client_weights(data.count, valid, weighting)
+    metrics = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in metrics.items()}
+    metrics["clients"] = jnp.sum(valid.astype(jnp.float32))
+    return ChunkResult(server.weighted_sum(deltas, weights), jnp.sum(weights),
+                       metrics)
+
+  @jax.jit
+  def block_fn(params, data: ClientData, valid, keys, hparams) -> ChunkResult:
+    split = lambda a: a.reshape((-1, chunk) + a.shape[1:])
+    chunks = jax.tree.map(split, (data, valid, keys))
+    if chunks[1].shape[0] == 1:
+      return chunk_sums(params, *jax.tree.map(lambda a: a[0], chunks), hparams)
+
+    def body(total, xs):
+      result = chunk_sums(params, *xs, hparams)
+      return jax.tree.map(jnp.add, total, result), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        chunk_sums, params, *jax.tree.map(lambda a: a[0], chunks), hparams))
+    return jax.lax.scan(body, zeros, chunks)[0]
+
+  return block_fn
+
+
+def client_keys(round_key: jax.Array, ids: np.ndarray) -> jax.Array:
+  """Per-client keys `fold_in(round_key, client_id)`: independent across clients."""
+  return jax.vmap(lambda i: jax.random.fold_in(round_key, i))(jnp.asarray(ids))
+
+
+def run_cohort(block_fn: Callable, params: PyTree, train: ClientArrays,
+               cohort: np.ndarray, *, block: int, round_key: jax.Array,
+               hparams: dict, put: Callable = jax.device_put) -> ChunkResult:
+  """Runs every block of `cohort` and adds their sums (host loop over blocks).
+
+  Only the cohort's clients are gathered from host memory, one block at a time;
+  the next block is gathered and transferred while the current one computes
+  (JAX dispatch is asynchronous). A fixed cohort is usually one block; a
+  Poisson cohort larger than the block runs as several calls of the same program.
+  """
+  blocks = sampling.chunk_ids(cohort, block)
+  if not blocks:  # empty Poisson cohort: one all-padding block, all sums zero
+    blocks = [(np.zeros(block, np.int64), np.zeros(block, bool))]
+  total = None
+  for ids, valid in blocks:
+    arrays = train.take(ids)
+    arrays = dataclasses.replace(arrays, counts=np.where(valid, arrays.counts, 0))
+    data = put(client_data(arrays))
+    result = block_fn(params, data, put(valid), client_keys(round_key, ids), hparams)
+    total = result if total is None else jax.tree.map(jnp.add, total, result)
+  return total

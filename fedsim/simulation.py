@@ -1,0 +1,255 @@
+"""The round loop: `run(config, workdir)` trains a federation and writes the record.
+
+Per round: sample the cohort (host, from (seed, round)), run it as compiled blocks
+of vmapped clients (fedsim/rounds.py), let the privacy plan turn the sums into the
+server's mean delta (plain average, or clipped-and-noised for client-level DP),
+step the server optimiser, charge the accountant, and every `eval_every` rounds
+evaluate on the test split of every hospital and on the unseen hospitals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedsim import config as config_lib
+from fedsim import evaluation, io, models, privacy_plan, rounds, sampling, server, strategy
+from fedsim.client import LocalSchedule, make_client_update
+from fedsim.data import make_federated_data
+from fedsim.data.base import FederatedData
+
+# Purposes folded into the seed key, so streams never collide.
+INIT, ROUND, COHORT = 0, 1, 2
+
+
+def local_schedule(config, fed: FederatedData, unroll: int = 1) -> LocalSchedule:
+  """The static local-training shape of this run's clients."""
+  return LocalSchedule(max_examples=fed.train.max_examples,
+                       batch_size=config.client.batch_size,
+                       epochs=config.client.local_epochs,
+                       steps=config.client.local_steps, unroll=unroll)
+
+
+def expected_cohort(config) -> float:
+  """Clients per round: fixed size, or the Poisson expectation."""
+  if config.client_sampling_rate > 0:
+    return config.client_sampling_rate * config.num_clients
+  return config.clients_per_round
+
+
+def sample_cohort(config, round_index: int) -> np.ndarray:
+  """The hospitals of one round, reproducible from (seed, round)."""
+  rng = sampling.round_rng(config.seed, round_index, COHORT)
+  if config.client_sampling_rate > 0:
+    return sampling.poisson_cohort(rng, config.num_clients, config.client_sampling_rate)
+  return sampling.fixed_cohort(rng, config.num_clients, config.clients_per_round)
+
+
+def hyperparameters(config) -> dict:
+  """Hyperparameters that enter the compiled round as traced scalars (sweepable)."""
+  values = {"client_lr": config.client.learning_rate,
+            "client_momentum": config.client.momentum,
+            "prox_mu": config.client.prox_mu,
+            "noise_multiplier": config.dp.noise_multiplier,
+            "clip_norm": config.dp.clip_norm}
+  return {k: jnp.float32(v) for k, v in values.items()}
+
+
+class Setup:
+  """Everything a run builds from its config before the first round."""
+
+  def __init__(self, config: ml_collections.ConfigDict, fed: FederatedData):
+    self.config, self.fed = config, fed
+    schedule = local_schedule(config, fed)
+    block_size = (config.num_clients if config.client_sampling_rate > 0
+                  else config.clients_per_round)
+    if config.client_sampling_rate > 0:  # ~ expected cohort + 3 std, one call usually
+      q, n = config.client_sampling_rate, config.num_clients
+      block_size = min(n, int(np.ceil(q * n + 3 * np.sqrt(q * (1 - q) * n))) or 1)
+    self.strategy = strategy.resolve(config.engine, cohort_size=block_size,
+                                     num_steps=schedule.num_steps)
+    self.schedule = local_schedule(config, fed, self.strategy.unroll)
+    self.model = models.make_model(config.model, num_classes=fed.num_classes,
+                                   conv=self.strategy.conv)
+    self.apply_fn = self.model.apply
+    self.plan = privacy_plan.make_plan(config, fed, self.apply_fn)
+    client_update = make_client_update(
+        self.apply_fn, self.plan.grad_fn, schedule=self.schedule,
+        optimizer=config.client.optimizer, mean=fed.mean, std=fed.std,
+        sampler=self.plan.sampler)
+    self.block_fn = rounds.make_block_fn(
+        client_update, weighting=self.plan.weighting, chunk=self.strategy.chunk,
+        delta_transform=self.plan.delta_transform)
+    self.server_opt = server.server_optimizer(
+        config.server.optimizer, learning_rate=config.server.learning_rate,
+        momentum=config.server.momentum, beta2=config.server.beta2,
+        tau=config.server.tau)
+    self.server_step = jax.jit(functools.partial(server.server_update, self.server_opt))
+    self.predict = evaluation.make_predict_fn(self.apply_fn, mean=fed.mean, std=fed.std)
+    self.hparams = hyperparameters(config)
+
+  def init_params(self, key):
+    x = jnp.zeros((1,) + self.fed.image_shape, jnp.float32)
+    return self.model.init(key, x)
+
+
+def evaluate(setup: Setup, params) -> tuple[dict, dict]:
+  """Test metrics of the seen hospitals and of the unseen ones (flat, and full)."""
+  chunk = max(setup.strategy.chunk, 8)
+  report = {"test": evaluation.evaluate_split(
+      setup.predict, params, setup.fed.test, chunk=chunk,
+      class_names=setup.fed.class_names)}
+  scalars = evaluation.scalar_summary(report["test"])
+  if setup.fed.unseen is not None:
+    report["unseen"] = evaluation.evaluate_split(
+        setup.predict, params, setup.fed.unseen, chunk=chunk,
+        class_names=setup.fed.class_names)
+    scalars.update(evaluation.scalar_summary(report["unseen"], prefix="unseen_"))
+  return scalars, report
+
+
+def _prepare_workdir(workdir: str, config) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  for name in ("summary.json", "metrics.jsonl", "metrics.csv", "privacy.json"):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      os.remove(path)
+  io.write_json_atomic(os.path.join(workdir, "config.json"),
+                       {"config": config.to_dict(), "versions": io.versions(),
+                        "backend": jax.default_backend(),
+                        "devices": [str(d) for d in jax.devices()]})
+
+
+def prepare(config: ml_collections.ConfigDict) -> Setup:
+  """Validates `config`, loads and federates the data, builds the run (no training).
+
+  Every error a user can cause (bad field, missing data, impossible privacy
+  parameters) is raised here, before any compute and before anything is written.
+  """
+  config_lib.validate(config)
+  return Setup(config, make_federated_data(config))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+  """Trains the federation of `config`, writes the run record to `workdir`.
+
+  Returns the summary (also written, last and atomically, to summary.json).
+  """
+  return train(prepare(config), workdir, progress=progress)
+
+
+def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
+  """Runs the rounds of a prepared run; see `run`."""
+  config, fed = setup.config, setup.fed
+  _prepare_workdir(workdir, config)
+  writer = io.MetricWriter(workdir)
+  seed_key = jax.random.key(config.seed)
+  params = setup.init_params(jax.random.fold_in(seed_key, INIT))
+  opt_state = setup.server_opt.init(params)
+  ledger = setup.plan.ledger
+  start = time.perf_counter()
+  scalars, report, stopped_early, rounds_done = {}, {}, None, 0
+  bar = tqdm(range(1, config.num_rounds + 1), desc="rounds", disable=not progress,
+             dynamic_ncols=True)
+  for r in bar:
+    cohort = sample_cohort(config, r)
+    participating = np.zeros(config.num_clients, bool)
+    participating[cohort] = True
+    if ledger is not None and config.dp.target_epsilon > 0 and ledger.would_exceed(
+        config.dp.target_epsilon, participating):
+      stopped_early = f"dp.target_epsilon={config.dp.target_epsilon} would be exceeded in round {r}"
+      break
+    round_key = jax.random.fold_in(jax.random.fold_in(seed_key, ROUND), r)
+    result = rounds.run_cohort(setup.block_fn, params, fed.train, cohort,
+                               block=setup.strategy.block,
+                               round_key=jax.random.fold_in(round_key, 0),
+                               hparams=setup.hparams)
+    mean_delta = setup.plan.finalize(result, jax.random.fold_in(round_key, 1),
+                                     setup.hparams)
+    if mean_delta is not None:
+      params, opt_state = setup.server_step(params, opt_state, mean_delta)
+    if ledger is not None:
+      ledger.record_round(participating)
+    rounds_done = r
+    if r % config.eval_every == 0 or r == config.num_rounds:
+      scalars, report = evaluate(setup, params)
+      train = {k: float(v) for k, v in result.metrics.items()}
+      scalars.update(
+          train_loss=train["loss_sum"] / max(train["examples"], 1.0),
+          train_accuracy=train["correct"] / max(train["examples"], 1.0),
+          cohort_size=len(cohort), wall_seconds=time.perf_counter() - start,
+          epsilon=ledger.max_epsilon() if ledger is not None else None,
+          **setup.plan.round_stats(train))
+      if ledger is not None:
+        ledger.snapshot(r)
+      writer.write_scalars(r, scalars)
+      bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}",
+                      **({} if ledger is None else {"eps": f"{scalars['epsilon']:.2f}"}))
+  bar.close()
+  if rounds_done and not scalars:  # stopped before the first evaluation
+    scalars, report = evaluate(setup, params)
+  return _finish(config, setup, workdir, writer, params, opt_state, scalars, report,
+                 rounds_done, stopped_early, time.perf_counter() - start)
+
+
+def _finish(config, setup: Setup, workdir, writer, params, opt_state, scalars, report,
+            rounds_done, stopped_early, wall) -> dict:
+  """Writes checkpoint, plot, privacy.json, report.json and (last) summary.json."""
+  from fedsim import checkpoint  # orbax is slow to import; only needed here
+  checkpoint.save(os.path.join(workdir, "checkpoints"), rounds_done,
+                  {"params": params, "opt_state": opt_state})
+  if writer.history:
+    io.plot_curves(writer.history, os.path.join(workdir, "curves.png"))
+  ledger = setup.plan.ledger
+  if ledger is not None:
+    io.write_json_atomic(os.path.join(workdir, "privacy.json"), ledger.to_json())
+  io.write_json_atomic(os.path.join(workdir, "report.json"), report)
+  summary = {
+      "rounds": rounds_done,
+      "accuracy": scalars.get("accuracy"),
+      "auroc": scalars.get("auroc"),
+      "balanced_accuracy": scalars.get("balanced_accuracy"),
+      "mcc": scalars.get("mcc"),
+      "worst_hospital_accuracy": scalars.get("worst_hospital_accuracy"),
+      "unseen_accuracy": scalars.get("unseen_accuracy"),
+      "unseen_auroc": scalars.get("unseen_auroc"),
+      "epsilon": ledger.max_epsilon() if ledger is not None else None,
+      "delta": config.dp.delta if ledger is not None else None,
+      "accountant": config.dp.accountant if ledger is not None else None,
+      "privacy_unit": setup.plan.unit,
+      "num_clients": config.num_clients,
+      "stopped_early": stopped_early,
+      "wall_seconds": wall,
+      "strategy": dataclasses.asdict(setup.strategy),
+  }
+  io.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  return io.to_json(summary)
+
+
+def format_summary(summary: dict, workdir: str) -> str:
+  """The few lines a person reads at the end of a run."""
+  fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+  lines = [f"rounds {summary['rounds']}  accuracy {fmt(summary['accuracy'])}  "
+           f"AUROC {fmt(summary['auroc'])}  balanced accuracy "
+           f"{fmt(summary['balanced_accuracy'])}  worst hospital "
+           f"{fmt(summary['worst_hospital_accuracy'])}  unseen hospitals "
+           f"{fmt(summary['unseen_accuracy'])}"]
+  if summary["epsilon"] is None:
+    lines.append("privacy: none (dp.level=none)")
+  else:
+    lines.append(f"privacy: ({summary['epsilon']:.2f}, {summary['delta']:g})-DP per "
+                 f"{summary['privacy_unit']}, {summary['accountant']} accountant "
+                 "(max over hospitals)")
+  if summary["stopped_early"]:
+    lines.append(f"stopped early: {summary['stopped_early']}")
+  lines.append(f"{summary['wall_seconds']:.1f} s; record in {workdir}")
+  return "\n".join(lines)
