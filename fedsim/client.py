@@ -126,6 +126,16 @@ def client_optimizer(name: str, hparams: dict) -> optax.GradientTransformation:
   raise ValueError(f"client.optimizer={name!r} must be one of {CLIENT_OPTIMIZERS}")
 
 
+def index_uniform(key: jax.Array, n: int) -> jax.Array:
+  """`[n]` uniforms where entry i depends only on (key, i), not on n.
+
+  Padding a client with more examples therefore leaves the draws of its real
+  examples, and so its batches, unchanged (invariant 2).
+  """
+  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(
+      jnp.arange(n))
+
+
 def epoch_batches(key: jax.Array, count: jax.Array,
                   schedule: LocalSchedule) -> tuple[jax.Array, jax.Array]:
   """Shuffled batches for every local step: indices `[S, B]`, active flags `[S]`.
@@ -139,7 +149,7 @@ def epoch_batches(key: jax.Array, count: jax.Array,
   real = jnp.arange(n) < count
 
   def permutation(k):
-    u = jax.random.uniform(k, (n,))
+    u = index_uniform(k, n)
     order = jnp.argsort(jnp.where(real, u, 2.0 + u))
     return jnp.pad(order, (0, padded - n), constant_values=n - 1)
 
@@ -196,14 +206,14 @@ class PoissonSampler:
     """`(index [M], mask [M], truncated [])` for one local step."""
     n = real.shape[0]
     u_key, order_key = jax.random.split(key)
-    u = jax.random.uniform(u_key, (n,))
+    u = index_uniform(u_key, n)
     if self.unit == "patient":  # one draw per patient slot, shared by its images
       u = u[jnp.clip(data.patients, 0, n - 1)]
     selected = (u < rate) & real
     gather = self.gather or n
     if gather >= n:
       return jnp.arange(n), selected, jnp.bool_(False)
-    v = jax.random.uniform(order_key, (n,))
+    v = index_uniform(order_key, n)
     index = jnp.argsort(jnp.where(selected, v, 2.0 + v))[:gather]
     return index, selected[index], jnp.sum(selected) > gather
 
@@ -232,7 +242,8 @@ def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
     batch_key, step_key = jax.random.split(key)
     opt = client_optimizer(optimizer, hparams)
     real = jnp.arange(schedule.max_examples) < data.count
-    step_keys = jax.random.split(step_key, schedule.num_steps)
+    step_keys = jax.vmap(lambda s: jax.random.fold_in(step_key, s))(
+        jnp.arange(schedule.num_steps))
     if sampler is None:
       idx, active = epoch_batches(batch_key, data.count, schedule)
     else:  # drawn inside the step; only the active flags are precomputed
