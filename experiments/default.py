@@ -73,7 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.secure_agg.distributed_noise = False
 
   c.engine = ml_collections.ConfigDict()
-  c.engine.client_chunk = 0      # clients vmapped per call (0: chosen per backend)
+  c.engine.client_chunk = 0      # clients vmapped at once (0: chosen per backend)
+  c.engine.client_block = 0      # clients per jitted call, scanned in chunks (0: per backend)
   c.engine.conv = "auto"         # auto | xla | patches: convolution lowering
   c.engine.unroll = 0            # local-step scan unroll (0: chosen per backend)
   return c

@@ -55,7 +55,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "client.batch_size"):
     _int_at_least(config, field, 1)
   for field in ("seed", "checkpoint_every", "client.local_steps", "engine.client_chunk",
-                "engine.unroll", "data.num_unseen"):
+                "engine.client_block", "engine.unroll", "data.num_unseen"):
     _int_at_least(config, field, 0)
   rate = config.client_sampling_rate
   _check(0.0 <= rate <= 1.0, "client_sampling_rate", rate, "in [0, 1] (0: fixed cohort)")

@@ -1,10 +1,11 @@
 """Client-execution strategy per backend: chunk width, conv lowering, unrolling.
 
 Chosen from measurement (benchmarks/round_throughput.py, numbers in the README):
-on XLA:CPU, vmapping clients whose weights differ makes convolutions batch
-poorly and a rolled scan around convolution backward passes is slow, so clients
-run a few at a time in-graph with convolutions as patches + einsum and local steps
-unrolled; on GPU/TPU the whole block is vmapped with native convolutions. Every
+on XLA:CPU (jax 0.10, 2 cores, workload W1) vmapping clients whose weights differ
+makes convolutions batch poorly (per-client cost grows with the chunk) and a
+rolled scan around convolution backward passes is several times slower than a
+Python loop of calls, so each call runs one client with its local steps
+unrolled; on GPU/TPU the whole cohort is one call, vmapped, native convolutions. Every
 choice can be overridden by `engine.*` config fields.
 """
 
@@ -14,11 +15,12 @@ import dataclasses
 
 import jax
 
-# backend -> (chunk: clients vmapped at once, 0 = whole block; conv; unroll)
+# backend -> (chunk: clients vmapped at once, block: clients per jitted call,
+# conv, unroll); 0 means "the whole cohort".
 DEFAULTS = {
-    "cpu": (1, "patches", 8),
-    "gpu": (0, "xla", 1),
-    "tpu": (0, "xla", 1),
+    "cpu": (1, 1, "xla", 8),
+    "gpu": (0, 0, "xla", 1),
+    "tpu": (0, 0, "xla", 1),
 }
 
 
@@ -42,11 +44,11 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
     backend: jax backend name; default `jax.default_backend()`.
   """
   backend = backend or jax.default_backend()
-  chunk, conv, unroll = DEFAULTS.get(backend, DEFAULTS["gpu"])
+  chunk, block, conv, unroll = DEFAULTS.get(backend, DEFAULTS["gpu"])
   cohort_size = max(1, cohort_size)
-  chunk = engine_config.client_chunk or chunk or cohort_size
-  chunk = min(chunk, cohort_size)
-  block = -(-cohort_size // chunk) * chunk
+  chunk = min(engine_config.client_chunk or chunk or cohort_size, cohort_size)
+  block = min(engine_config.client_block or block or cohort_size, cohort_size)
+  block = -(-max(block, chunk) // chunk) * chunk  # a multiple of chunk
   conv = conv if engine_config.conv == "auto" else engine_config.conv
   unroll = min(engine_config.unroll or unroll, max(1, num_steps))
   return Strategy(chunk=chunk, block=block, conv=conv, unroll=unroll)
