@@ -278,13 +278,15 @@ def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
 
     def scan_step(carry, inputs):
       params, opt_state, totals = carry
+      # Inactive (padded) steps run masked and are discarded: a `lax.cond` here
+      # measured 6x slower on XLA:CPU (convolutions inside a conditional).
       params, opt_state, metrics = local_step(params, opt_state, inputs)
       return (params, opt_state, jax.tree.map(jnp.add, totals, metrics)), None
 
     opt_state = opt.init(global_params)
     first = (idx[0], active[0], step_keys[0])
-    totals = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), jax.eval_shape(
-        local_step, global_params, opt_state, first)[2])
+    metric_shapes = jax.eval_shape(local_step, global_params, opt_state, first)[2]
+    totals = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes)
     (params, _, metrics), _ = jax.lax.scan(
         scan_step, (global_params, opt_state, totals), (idx, active, step_keys),
         unroll=schedule.unroll)

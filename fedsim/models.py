@@ -132,6 +132,7 @@ def make_model(name: str, *, num_classes: int, conv: str = "xla") -> nn.Module:
 
 
 def has_batch_norm(params) -> bool:
-  """True if a params/variables tree holds BatchNorm (refused for DP)."""
+  """True if a params/variables tree holds BatchNorm or batch statistics."""
   names = jax.tree_util.tree_flatten_with_path(params)[0]
-  return any("BatchNorm" in jax.tree_util.keystr(path) for path, _ in names)
+  return any(tag in jax.tree_util.keystr(path) for path, _ in names
+             for tag in ("BatchNorm", "batch_stats"))

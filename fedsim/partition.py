@@ -90,6 +90,38 @@ def dirichlet(patient_ids: np.ndarray, labels: np.ndarray, *, num_hospitals: int
   return hospital[inverse].astype(np.int32)
 
 
+def prevalence(patient_ids: np.ndarray, labels: np.ndarray, *, num_hospitals: int,
+               rng: np.random.Generator, alpha: float,
+               min_patients: int = MIN_PATIENTS) -> np.ndarray:
+  """Label skew at equal sizes: hospital h's case mix ~ Dirichlet(alpha * global mix).
+
+  Every hospital gets the same number of patients (within one), drawn by its own
+  prevalence of each class while that class lasts; this models sites that
+  differ in case mix but not in size (e.g. a children's hospital that sees more
+  viral pneumonia), and keeps per-hospital DP sampling rates equal.
+  """
+  if not alpha > 0:
+    raise ValueError(f"data.alpha={alpha} must be > 0 for the prevalence partition")
+  _, inverse = patient_index(patient_ids)
+  patient_labels = patient_mode(inverse, labels)
+  num_patients = len(patient_labels)
+  _check_enough(num_patients, num_hospitals, min_patients)
+  classes, counts = np.unique(patient_labels, return_counts=True)
+  pools = [list(rng.permutation(np.flatnonzero(patient_labels == c))) for c in classes]
+  quota = np.full(num_hospitals, num_patients // num_hospitals)
+  quota[: num_patients % num_hospitals] += 1
+  mix = rng.dirichlet(alpha * len(classes) * counts / num_patients, size=num_hospitals)
+  hospital = np.empty(num_patients, np.int64)
+  for h in rng.permutation(num_hospitals):
+    for _ in range(quota[h]):
+      left = np.array([len(pool) for pool in pools], float)
+      weights = mix[h] * (left > 0)
+      weights = weights if weights.sum() > 0 else left
+      c = rng.choice(len(pools), p=weights / weights.sum())
+      hospital[pools[c].pop()] = h
+  return hospital[inverse].astype(np.int32)
+
+
 def quantity(patient_ids: np.ndarray, labels: np.ndarray, *, num_hospitals: int,
              rng: np.random.Generator, power: float,
              min_patients: int = MIN_PATIENTS) -> np.ndarray:
@@ -151,7 +183,8 @@ def natural(patient_ids: np.ndarray, labels: np.ndarray, *, sites: np.ndarray,
 
 
 PARTITIONERS: dict[str, Callable[..., np.ndarray]] = {
-    "iid": iid, "dirichlet": dirichlet, "quantity": quantity, "natural": natural}
+    "iid": iid, "dirichlet": dirichlet, "prevalence": prevalence, "quantity": quantity,
+    "natural": natural}
 
 
 def get_partitioner(name: str) -> Callable[..., np.ndarray]:

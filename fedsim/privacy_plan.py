@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedsim import client as client_lib
+from fedsim import models
 from fedsim.data.base import FederatedData
 from privacy import accounting, clipping
 
@@ -112,6 +113,13 @@ def clip_delta(delta, hparams):
   return clipped, {"delta_clipped": (norm > hparams["clip_norm"]).astype(jnp.float32)}
 
 
+def check_model(variables, level: str) -> None:
+  """Refuses models with batch statistics for DP (they leak across examples)."""
+  if level != "none" and models.has_batch_norm(variables):
+    raise ValueError(f"dp.level={level!r} needs a model without BatchNorm "
+                     "(batch statistics mix examples); use GroupNorm")
+
+
 def make_plan(config, fed: FederatedData, apply_fn: Callable) -> PrivacyPlan:
   """The privacy plan of `config` for the federation `fed` (validates first)."""
   level = config.dp.level
@@ -179,3 +187,25 @@ def _client_level_plan(config, fed, apply_fn) -> PrivacyPlan:
 
   return PrivacyPlan("hospital", client_lib.mean_gradient(apply_fn), None, "uniform",
                      clip_delta, finalize, ledger)
+
+
+def ledger_preview(config):
+  """The per-hospital ledger a run of `config` would end with (None without DP).
+
+  Builds the federation and replays the run's cohorts (they depend only on
+  seed and round), so it is exact unless `dp.target_epsilon` stops the run early.
+  """
+  from fedsim import config as config_lib  # pylint: disable=import-outside-toplevel
+  from fedsim import sampling
+  from fedsim.data import make_federated_data
+  config_lib.validate(config)
+  if config.dp.level == "none":
+    return None
+  fed = make_federated_data(config)
+  plan = make_plan(config, fed, apply_fn=None)
+  for r in range(1, config.num_rounds + 1):
+    mask = np.zeros(config.num_clients, bool)
+    mask[sampling.cohort_for_round(config, r)] = True
+    plan.ledger.record_round(mask)
+  plan.ledger.snapshot(config.num_rounds)
+  return plan.ledger

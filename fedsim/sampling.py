@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 COHORT_SAMPLERS = ("fixed", "poisson")
+COHORT = 2  # purpose id of the cohort stream
 
 
 def round_rng(seed: int, round_index: int, purpose: int = 0) -> np.random.Generator:
@@ -45,3 +46,15 @@ def chunk_ids(cohort: np.ndarray, chunk: int) -> list[tuple[np.ndarray, np.ndarr
     valid = np.arange(chunk) < len(ids)
     out.append((np.pad(ids, (0, chunk - len(ids))), valid))
   return out
+
+
+def cohort_for_round(config, round_index: int) -> np.ndarray:
+  """The hospitals of round `round_index` of a run, reproducible from (seed, round).
+
+  Poisson with `config.client_sampling_rate` when it is > 0, else a fixed-size
+  cohort of `config.clients_per_round`.
+  """
+  rng = round_rng(config.seed, round_index, COHORT)
+  if config.client_sampling_rate > 0:
+    return poisson_cohort(rng, config.num_clients, config.client_sampling_rate)
+  return fixed_cohort(rng, config.num_clients, config.clients_per_round)

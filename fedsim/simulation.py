@@ -28,7 +28,7 @@ from fedsim.data import make_federated_data
 from fedsim.data.base import FederatedData
 
 # Purposes folded into the seed key, so streams never collide.
-INIT, ROUND, COHORT = 0, 1, 2
+INIT, ROUND = 0, 1
 
 
 def local_schedule(config, fed: FederatedData, unroll: int = 1) -> LocalSchedule:
@@ -37,21 +37,6 @@ def local_schedule(config, fed: FederatedData, unroll: int = 1) -> LocalSchedule
                        batch_size=config.client.batch_size,
                        epochs=config.client.local_epochs,
                        steps=config.client.local_steps, unroll=unroll)
-
-
-def expected_cohort(config) -> float:
-  """Clients per round: fixed size, or the Poisson expectation."""
-  if config.client_sampling_rate > 0:
-    return config.client_sampling_rate * config.num_clients
-  return config.clients_per_round
-
-
-def sample_cohort(config, round_index: int) -> np.ndarray:
-  """The hospitals of one round, reproducible from (seed, round)."""
-  rng = sampling.round_rng(config.seed, round_index, COHORT)
-  if config.client_sampling_rate > 0:
-    return sampling.poisson_cohort(rng, config.num_clients, config.client_sampling_rate)
-  return sampling.fixed_cohort(rng, config.num_clients, config.clients_per_round)
 
 
 def hyperparameters(config) -> dict:
@@ -81,6 +66,8 @@ class Setup:
     self.model = models.make_model(config.model, num_classes=fed.num_classes,
                                    conv=self.strategy.conv)
     self.apply_fn = self.model.apply
+    privacy_plan.check_model(jax.eval_shape(self.init_params, jax.random.key(0)),
+                             config.dp.level)
     self.plan = privacy_plan.make_plan(config, fed, self.apply_fn)
     client_update = make_client_update(
         self.apply_fn, self.plan.grad_fn, schedule=self.schedule,
@@ -161,7 +148,7 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
   bar = tqdm(range(1, config.num_rounds + 1), desc="rounds", disable=not progress,
              dynamic_ncols=True)
   for r in bar:
-    cohort = sample_cohort(config, r)
+    cohort = sampling.cohort_for_round(config, r)
     participating = np.zeros(config.num_clients, bool)
     participating[cohort] = True
     if ledger is not None and config.dp.target_epsilon > 0 and ledger.would_exceed(

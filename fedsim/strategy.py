@@ -18,7 +18,7 @@ import jax
 # backend -> (chunk: clients vmapped at once, block: clients per jitted call,
 # conv, unroll); 0 means "the whole cohort".
 DEFAULTS = {
-    "cpu": (1, 1, "xla", 8),
+    "cpu": (1, 1, "xla", 0),  # unroll 0: all local steps (a rolled loop is slow)
     "gpu": (0, 0, "xla", 1),
     "tpu": (0, 0, "xla", 1),
 }
@@ -50,5 +50,5 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
   block = min(engine_config.client_block or block or cohort_size, cohort_size)
   block = -(-max(block, chunk) // chunk) * chunk  # a multiple of chunk
   conv = conv if engine_config.conv == "auto" else engine_config.conv
-  unroll = min(engine_config.unroll or unroll, max(1, num_steps))
+  unroll = min(engine_config.unroll or unroll or num_steps, max(1, num_steps))
   return Strategy(chunk=chunk, block=block, conv=conv, unroll=unroll)

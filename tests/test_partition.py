@@ -157,3 +157,21 @@ def test_split_patients_follows_fractions_and_serves_largest_first_when_short():
 def test_split_patients_rejects_bad_fractions():
   with pytest.raises(ValueError, match="sum to 1"):
     partition.split_patients(np.arange(5), (0.5, 0.2), np.random.default_rng(0))
+
+
+def test_prevalence_partition_equal_sizes_skewed_mix():
+  from fedsim import partition as p
+  rng = np.random.default_rng(0)
+  labels = rng.choice(3, size=600, p=[0.3, 0.45, 0.25])
+  patients = np.arange(600)
+  skewed = p.prevalence(patients, labels, num_hospitals=10, rng=np.random.default_rng(1),
+                        alpha=0.3)
+  mild = p.prevalence(patients, labels, num_hospitals=10, rng=np.random.default_rng(1),
+                      alpha=100.0)
+  for hospital in (skewed, mild):
+    sizes = np.bincount(hospital, minlength=10)
+    assert sizes.sum() == 600 and sizes.max() - sizes.min() <= 1
+  def spread(hospital):
+    mix = np.stack([np.bincount(labels[hospital == h], minlength=3) / 60 for h in range(10)])
+    return np.abs(mix - mix.mean(0)).sum(1).mean()
+  assert spread(skewed) > 2 * spread(mild)

@@ -83,7 +83,7 @@ def assign_hospitals(dataset: ImageDataset, data_config, *, num_hospitals: int,
   rng = np.random.default_rng([seed, _PARTITION_STREAM])
   options = {}
   site_of_hospital = np.arange(num_hospitals)
-  if name == "dirichlet":
+  if name in ("dirichlet", "prevalence"):
     options = dict(alpha=data_config.alpha)
   elif name == "quantity":
     options = dict(power=data_config.quantity_power)
