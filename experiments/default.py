@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.2
   c.data.shift = 1.0             # per-hospital acquisition-shift strength (0: none)
   c.data.augment = False         # in-graph random crop / flip / rotation per client
+  c.data.augment_crop_padding = 2
+  c.data.augment_flip = False    # a mirrored chest film puts the heart on the wrong side
+  c.data.augment_rotation = 10.0  # degrees
 
   c.client = ml_collections.ConfigDict()
   c.client.local_epochs = 1

@@ -221,7 +221,8 @@ class PoissonSampler:
 def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
                        schedule: LocalSchedule, optimizer: str,
                        mean: float, std: float,
-                       sampler: PoissonSampler | None = None):
+                       sampler: PoissonSampler | None = None,
+                       augment_fn: Callable | None = None):
   """Builds `client_update(global_params, data, key, hparams) -> (delta, metrics)`.
 
   Args:
@@ -229,6 +230,9 @@ def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
     grad_fn: the gradient of one local step (see `GradientFn`).
     schedule: static local-training shape.
     sampler: None for shuffled epochs; a `PoissonSampler` for DP-SGD.
+    augment_fn: optional `(key, x, mask) -> x` in-graph augmentation of each
+      local batch (before per-example gradients, so DP clipping still bounds
+      every unit); never applied at evaluation.
     optimizer: name in CLIENT_OPTIMIZERS.
     mean, std: fixed normalisation constants of the data set.
 
@@ -262,8 +266,10 @@ def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
         index, mask, truncated = sampler.draw(draw_key, data, real, rate)
         step_hparams = {**hparams, "expected_units": sampler.expected_units(data, rate)}
         extra["truncated_steps"] = (truncated & is_active).astype(jnp.float32)
-      batch = Batch(normalize(data.images[index], mean, std), data.labels[index],
-                    data.patients[index], mask & is_active)
+      x = normalize(data.images[index], mean, std)
+      if augment_fn is not None:
+        x = augment_fn(jax.random.fold_in(k, 2), x, mask & is_active)
+      batch = Batch(x, data.labels[index], data.patients[index], mask & is_active)
       grad, stats = grad_fn(params, batch, grad_key, step_hparams)
       prox = jax.tree.map(lambda p, g: hparams["prox_mu"] * (p - g), params,
                           global_params)

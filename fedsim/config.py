@@ -55,7 +55,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "client.batch_size"):
     _int_at_least(config, field, 1)
   for field in ("seed", "checkpoint_every", "client.local_steps", "engine.client_chunk",
-                "engine.client_block", "engine.unroll", "data.num_unseen"):
+                "engine.client_block", "engine.unroll", "data.num_unseen",
+                "data.augment_crop_padding"):
     _int_at_least(config, field, 0)
   rate = config.client_sampling_rate
   _check(0.0 <= rate <= 1.0, "client_sampling_rate", rate, "in [0, 1] (0: fixed cohort)")
@@ -70,7 +71,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("data.alpha", "data.quantity_power", "client.learning_rate",
                 "server.learning_rate", "server.tau"):
     _positive(config, field)
-  for field in ("data.shift", "client.prox_mu", "client.momentum", "server.momentum"):
+  for field in ("data.shift", "data.augment_rotation", "client.prox_mu", "client.momentum", "server.momentum"):
     _non_negative(config, field)
   if config.data.source == "synthetic":
     _int_at_least(config, "data.examples_per_client", 4)

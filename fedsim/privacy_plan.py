@@ -77,19 +77,30 @@ def weighted_mean(result, key, hparams):
   return jax.tree.map(lambda d: d / total, result.delta_sum)
 
 
-def dp_sgd_gradient(apply_fn: Callable, *, unit: str, num_groups: int,
-                    method: str, microbatch_size: int) -> client_lib.GradientFn:
+def batch_groups(patients: jax.Array, mask: jax.Array) -> jax.Array:
+  """Patient ids renumbered within the batch `[M]` -> `[0, M)`, -1 where masked.
+
+  Keeps the per-patient buffers at the batch size, not the hospital's patients.
+  """
+  m = patients.shape[0]
+  _, inverse = jnp.unique(patients, size=m, fill_value=-1, return_inverse=True)
+  return jnp.where(mask, inverse.reshape(m), -1)
+
+
+def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
+                    microbatch_size: int) -> client_lib.GradientFn:
   """DP-SGD step gradient: clip per unit, sum, noise, divide by expected units."""
 
   def per_example_loss(params, batch):
     return client_lib.cross_entropy(apply_fn(params, batch["x"]), batch["y"])
 
   def grad_fn(params, batch: client_lib.Batch, key, hparams):
+    patient = unit == "patient"
     grad_sum, stats = clipping.clipped_grad_sum(
         per_example_loss, params, {"x": batch.x, "y": batch.y}, batch.mask,
         clip_norm=hparams["clip_norm"],
-        groups=batch.patients if unit == "patient" else None,
-        num_groups=num_groups if unit == "patient" else None,
+        groups=batch_groups(batch.patients, batch.mask) if patient else None,
+        num_groups=batch.mask.shape[0] if patient else None,
         method=method, microbatch_size=microbatch_size or None)
     grad = clipping.privatize(
         grad_sum, key, clip_norm=hparams["clip_norm"],
@@ -153,13 +164,21 @@ def _local_plan(config, fed, apply_fn, level) -> PrivacyPlan:
       delta=config.dp.delta, clip_norm=config.dp.clip_norm, population=int(units.max()))
   gather = config.dp.max_batch_size
   truncated = 0 < gather < fed.train.max_examples
+  if truncated and level == "patient":
+    raise ValueError(
+        f"dp.max_batch_size={gather} must be 0 for dp.level='patient': truncating a "
+        "batch of images can cut a patient, which the truncated-Poisson event does not "
+        "describe (use exact Poisson, or dp.level='example')")
+  if level == "patient" and config.dp.clipping == "ghost" and config.dp.microbatch_size:
+    raise ValueError("dp.microbatch_size must be 0 with dp.clipping='ghost' and "
+                     "dp.level='patient' (ghost clipping of patients is not microbatched)")
   ledger = accounting.PrivacyLedger.for_local_dp_sgd(
       sampling_rates=rates, steps=steps, noise_multiplier=config.dp.noise_multiplier,
       delta=config.dp.delta, accountant=config.dp.accountant, unit=level,
       truncated_batch_size=gather if truncated else None,
       dataset_sizes=units if truncated else None)
-  grad_fn = dp_sgd_gradient(apply_fn, unit=level, num_groups=fed.train.max_examples,
-                            method=config.dp.clipping, microbatch_size=config.dp.microbatch_size)
+  grad_fn = dp_sgd_gradient(apply_fn, unit=level, method=config.dp.clipping,
+                            microbatch_size=config.dp.microbatch_size)
   sampler = client_lib.PoissonSampler(unit=level, gather=gather if truncated else 0)
   return PrivacyPlan(level, grad_fn, sampler, config.server.weighting, None,
                      weighted_mean, ledger)

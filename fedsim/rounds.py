@@ -94,9 +94,10 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
   return block_fn
 
 
-def client_keys(round_key: jax.Array, ids: np.ndarray) -> jax.Array:
+@jax.jit
+def client_keys(round_key: jax.Array, ids: jax.Array) -> jax.Array:
   """Per-client keys `fold_in(round_key, client_id)`: independent across clients."""
-  return jax.vmap(lambda i: jax.random.fold_in(round_key, i))(jnp.asarray(ids))
+  return jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids)
 
 
 def run_cohort(block_fn: Callable, params: PyTree, train: ClientArrays,

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedsim import config as config_lib
-from fedsim import evaluation, io, models, privacy_plan, rounds, sampling, server, strategy
+from fedsim import augment, evaluation, io, models, privacy_plan, rounds, sampling, server, strategy
 from fedsim.client import LocalSchedule, make_client_update
 from fedsim.data import make_federated_data
 from fedsim.data.base import FederatedData
@@ -49,6 +49,15 @@ def hyperparameters(config) -> dict:
   return {k: jnp.float32(v) for k, v in values.items()}
 
 
+def augmentation(data_config):
+  """The configured in-graph augmentation, or None when `data.augment` is off."""
+  if not data_config.augment:
+    return None
+  return functools.partial(augment.augment, crop_padding=data_config.augment_crop_padding,
+                           flip=data_config.augment_flip,
+                           max_rotation_degrees=data_config.augment_rotation)
+
+
 class Setup:
   """Everything a run builds from its config before the first round."""
 
@@ -72,7 +81,7 @@ class Setup:
     client_update = make_client_update(
         self.apply_fn, self.plan.grad_fn, schedule=self.schedule,
         optimizer=config.client.optimizer, mean=fed.mean, std=fed.std,
-        sampler=self.plan.sampler)
+        sampler=self.plan.sampler, augment_fn=augmentation(config.data))
     self.block_fn = rounds.make_block_fn(
         client_update, weighting=self.plan.weighting, chunk=self.strategy.chunk,
         delta_transform=self.plan.delta_transform)

@@ -35,8 +35,6 @@ def patient_setup(tiny_fed):
 def test_ledger_events_match_the_sampler_that_runs(patient_setup):
   setup = patient_setup
   fed = setup.fed
-  events = setup.plan.ledger.per_round_events if hasattr(
-      setup.plan.ledger, "per_round_events") else None
   rates, steps, _ = privacy_plan.local_sampling(setup.config, fed)
   # The rate the client computes in-graph, and the steps it actually takes.
   in_graph = np.asarray(client_lib.poisson_rate(jnp.asarray(fed.train.counts),
@@ -51,13 +49,15 @@ def test_ledger_events_match_the_sampler_that_runs(patient_setup):
     _, metrics = update(params, jax.tree.map(lambda a: a[k], data), jax.random.key(k),
                         setup.hparams)
     assert int(metrics["steps"]) == steps[k]
-  # Each hospital's per-round event is the Poisson-subsampled Gaussian of its rate/steps.
-  for k in range(fed.num_clients):
+  # After one round with everyone, hospital k is charged exactly its steps at its rate.
+  ledger = privacy_plan.make_plan(setup.config, fed, setup.apply_fn).ledger
+  ledger.record_round(np.ones(fed.num_clients, bool))
+  for k, event in enumerate(ledger.hospital_events()):
     expected = accounting.local_dp_sgd_event(
         sampling_rate=float(rates[k]), noise_multiplier=setup.config.dp.noise_multiplier,
         steps=int(steps[k]))
-    assert setup.plan.ledger.hospital_events()[k] == accounting.hospital_event(
-        expected, 0) or events is None or events[k] == expected
+    assert event == accounting.hospital_event(expected, 1)
+    assert event.event.event.sampling_probability == pytest.approx(in_graph[k])
 
 
 def client_lib_data(arrays: ClientArrays):
@@ -91,9 +91,10 @@ def test_divisor_is_public_not_the_realised_count(patient_setup):
                            jnp.asarray(rng.integers(0, 3, b), jnp.int32),
                            jnp.arange(b, dtype=jnp.int32), jnp.arange(b) < 2)
   no_noise = {**setup.hparams, "noise_multiplier": jnp.float32(0.0)}
-  g4, _ = setup.plan.grad_fn(params, batch, jax.random.key(0),
+  grad_fn = jax.jit(setup.plan.grad_fn)
+  g4, _ = grad_fn(params, batch, jax.random.key(0),
                              {**no_noise, "expected_units": jnp.float32(4.0)})
-  g8, _ = setup.plan.grad_fn(params, batch, jax.random.key(0),
+  g8, _ = grad_fn(params, batch, jax.random.key(0),
                              {**no_noise, "expected_units": jnp.float32(8.0)})
   jax.tree.map(lambda a, c: np.testing.assert_allclose(a, 2 * c, rtol=1e-5, atol=1e-8),
                g4, g8)
