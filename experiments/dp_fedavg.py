@@ -23,6 +23,7 @@ def get_config():
   c.data.num_unseen = 10
   c.client.batch_size = 16
   c.client.local_epochs = 2
+  c.client.local_steps = 0
   c.client.learning_rate = 0.1
   c.server.optimizer = "fedavgm"
   c.server.learning_rate = 1.0

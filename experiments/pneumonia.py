@@ -40,7 +40,8 @@ The epsilon is the accountant's, the largest over hospitals (3 iid hospitals of
 ~1,370 training images, 43 exact Poisson steps of expected 32 images per round,
 sigma 1.0, 30 rounds, RDP); print it before training with compute_epsilon below.
 Exact Poisson computes per-patient gradients over the whole local set at every
-step (microbatched, 32 at a time): budget an accelerator. For hospitals100 the median hospital ends near 4.8 but the
+step (microbatched, 32 at a time): budget an accelerator. For hospitals100 the
+median hospital ends near 4.8 but the
 largest epsilon is about 14: a Dirichlet split leaves some hospitals with ~10
 training images, which are sampled at rate ~1 and so get no amplification. Print
 the exact per-hospital ledger before training with

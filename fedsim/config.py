@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from fedsim import models, partition, sampling, server
+from fedsim import models, partition, server
 from fedsim.client import CLIENT_OPTIMIZERS
 
 DATA_SOURCES = ("synthetic", "medmnist", "image_folder", "tfds")
@@ -71,7 +71,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("data.alpha", "data.quantity_power", "client.learning_rate",
                 "server.learning_rate", "server.tau"):
     _positive(config, field)
-  for field in ("data.shift", "data.augment_rotation", "client.prox_mu", "client.momentum", "server.momentum"):
+  for field in ("data.shift", "data.augment_rotation", "client.prox_mu", "client.momentum",
+                "server.momentum"):
     _non_negative(config, field)
   if config.data.source == "synthetic":
     _int_at_least(config, "data.examples_per_client", 4)

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +20,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedsim import config as config_lib
 from fedsim import augment, evaluation, io, models, privacy_plan, rounds, sampling, server, strategy
+from fedsim import config as config_lib
 from fedsim.client import LocalSchedule, make_client_update
 from fedsim.data import make_federated_data
 from fedsim.data.base import FederatedData

@@ -23,21 +23,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 import functools
 import importlib
 import importlib.metadata
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attr
 import dp_accounting
-from dp_accounting import dp_event as dpe
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.pld import privacy_loss_distribution
-from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
+from dp_accounting import dp_event as dpe
+from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
+from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import special
 
 DpEvent = dpe.DpEvent

@@ -18,8 +18,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from privacy import accounting

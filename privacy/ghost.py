@@ -47,9 +47,9 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-from flax.linen import linear as flax_linear
 import jax
 import jax.numpy as jnp
+from flax.linen import linear as flax_linear
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]

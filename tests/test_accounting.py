@@ -4,11 +4,11 @@ import json
 import logging
 
 import dp_accounting
+import numpy as np
+import pytest
 from dp_accounting import dp_event as dpe
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
-import numpy as np
-import pytest
 
 from privacy import accounting
 

@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from privacy import accounting
-from privacy import compute_epsilon
+from privacy import accounting, compute_epsilon
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
