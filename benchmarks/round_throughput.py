@@ -206,6 +206,7 @@ def make_config(s: Settings, *, hospitals: int, chunk: int = 0, block: int = 0,
   c.model = "cnn"
   c.data.image_size, c.data.num_unseen = s.image_size, 0
   c.client.local_epochs, c.client.batch_size = s.epochs, s.batch_size
+  c.client.local_steps = 0  # W1: epochs, not the default config's fixed DP steps
   c.client.optimizer, c.client.learning_rate = "sgd", s.lr
   c.server.optimizer, c.server.learning_rate = "fedavg", 1.0
   c.dp.level, c.dp.clipping = dp, clipping

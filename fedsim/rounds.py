@@ -41,7 +41,7 @@ def client_data(arrays: ClientArrays) -> ClientData:
 
 def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
                   delta_transform: Optional[Callable] = None) -> Callable:
-  """Builds the jitted `block_fn(params, data, valid, keys, hparams) -> ChunkResult`.
+  """Builds `block_fn(params, data, valid, keys, hparams, total=None) -> ChunkResult`.
 
   A block is `b` clients (a multiple of `chunk`): one jitted call that scans over
   the block's chunks in-graph and vmaps `client_update` over the `chunk` clients
@@ -58,6 +58,8 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
 
   `data` is a `ClientData` with a leading block axis `[b, ...]`, `valid` bool
   `[b]` marks real clients (padded ones contribute exactly zero), `keys` `[b]`.
+  The running `total` over a round's blocks is added in the same jitted call (one
+  dispatch per block; `block_fn.compiled` is that jitted function).
   """
 
   def one_client(params, data, key, hparams):
@@ -76,8 +78,7 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
     return ChunkResult(server.weighted_sum(deltas, weights), jnp.sum(weights),
                        metrics)
 
-  @jax.jit
-  def block_fn(params, data: ClientData, valid, keys, hparams) -> ChunkResult:
+  def block_sums(params, data: ClientData, valid, keys, hparams) -> ChunkResult:
     split = lambda a: a.reshape((-1, chunk) + a.shape[1:])
     chunks = jax.tree.map(split, (data, valid, keys))
     if chunks[1].shape[0] == 1:
@@ -91,6 +92,19 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
         chunk_sums, params, *jax.tree.map(lambda a: a[0], chunks), hparams))
     return jax.lax.scan(body, zeros, chunks)[0]
 
+  @jax.jit
+  def accumulate(total, params, data, valid, keys, hparams) -> ChunkResult:
+    return jax.tree.map(jnp.add, total, block_sums(params, data, valid, keys, hparams))
+
+  def block_fn(params, data: ClientData, valid, keys, hparams,
+               total: Optional[ChunkResult] = None) -> ChunkResult:
+    """`total` + this block's sums, in one call (zeros when `total` is None)."""
+    if total is None:
+      total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+          block_sums, params, data, valid, keys, hparams))
+    return accumulate(total, params, data, valid, keys, hparams)
+
+  block_fn.compiled = accumulate
   return block_fn
 
 
@@ -113,11 +127,11 @@ def run_cohort(block_fn: Callable, params: PyTree, train: ClientArrays,
   blocks = sampling.chunk_ids(cohort, block)
   if not blocks:  # empty Poisson cohort: one all-padding block, all sums zero
     blocks = [(np.zeros(block, np.int64), np.zeros(block, bool))]
+  keys = client_keys(round_key, np.concatenate([ids for ids, _ in blocks]))
   total = None
-  for ids, valid in blocks:
+  for b, (ids, valid) in enumerate(blocks):
     arrays = train.take(ids)
     arrays = dataclasses.replace(arrays, counts=np.where(valid, arrays.counts, 0))
-    data = put(client_data(arrays))
-    result = block_fn(params, data, put(valid), client_keys(round_key, ids), hparams)
-    total = result if total is None else jax.tree.map(jnp.add, total, result)
+    total = block_fn(params, put(client_data(arrays)), valid,
+                     keys[b * block:(b + 1) * block], hparams, total)
   return total

@@ -144,7 +144,7 @@ def test_block_program_compiles_once(setup):
   _, block_fn = build(apply_fn, 12, chunk=2)
   for ids, valid in ([[0, 1, 2, 3], [True] * 4], [[4, 0, 0, 0], [True, False, False, False]]):
     run_block(block_fn, params, arrays, ids, valid, hparams)
-  assert block_fn._cache_size() == 1
+  assert block_fn.compiled._cache_size() == 1
 
 
 @pytest.mark.parametrize("name", server.SERVER_OPTIMIZERS)
