@@ -53,6 +53,14 @@ def conv_module(impl: str) -> Callable[..., nn.Module]:
   raise ValueError(f"engine.conv={impl!r} must be one of {CONV_IMPLS + ('auto',)}")
 
 
+def _conv_stem(conv: Callable[..., nn.Module], x: jax.Array) -> jax.Array:
+  """conv16 3x3 - avgpool - conv32 3x3 - avgpool (called inside a compact method)."""
+  x = nn.relu(conv(16, (3, 3), name="conv1")(x))
+  x = nn.avg_pool(x, (2, 2), (2, 2))
+  x = nn.relu(conv(32, (3, 3), name="conv2")(x))
+  return nn.avg_pool(x, (2, 2), (2, 2))
+
+
 class SmallCNN(nn.Module):
   """conv16 3x3 - avgpool - conv32 3x3 - avgpool - dense64 - dense(num_classes)."""
 
@@ -61,11 +69,7 @@ class SmallCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = conv_module(self.conv)
-    x = nn.relu(conv(16, (3, 3), name="conv1")(x))
-    x = nn.avg_pool(x, (2, 2), (2, 2))
-    x = nn.relu(conv(32, (3, 3), name="conv2")(x))
-    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = _conv_stem(conv_module(self.conv), x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(64, name="dense1")(x))
     return nn.Dense(self.num_classes, name="head")(x)
@@ -85,11 +89,7 @@ class SmallCNNGap(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = conv_module(self.conv)
-    x = nn.relu(conv(16, (3, 3), name="conv1")(x))
-    x = nn.avg_pool(x, (2, 2), (2, 2))
-    x = nn.relu(conv(32, (3, 3), name="conv2")(x))
-    x = nn.avg_pool(x, (2, 2), (2, 2))
-    x = nn.relu(conv(32, (3, 3), name="conv3")(x))
+    x = nn.relu(conv(32, (3, 3), name="conv3")(_conv_stem(conv, x)))
     return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
