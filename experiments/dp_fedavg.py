@@ -7,7 +7,8 @@ Each round every hospital joins independently with rate q = 0.1 (Poisson, ~50 a
 round), trains locally without noise, clips its update to S = dp.clip_norm; the
 server adds N(0, (sigma S)^2) to the sum once and divides by the expected cohort
 q * 500. Accounted as 100 Poisson-subsampled Gaussian rounds (RDP): epsilon ~5.7
-at delta 1e-5, the same for every hospital. See the README for the accuracy.
+at delta 1e-5, the same for every hospital. On a 2-core CPU: ~100 s, accuracy 0.59,
+balanced accuracy 0.54, macro AUROC 0.76, unseen hospitals 0.65.
 """
 
 from experiments import default
@@ -25,9 +26,8 @@ def get_config():
   c.client.local_epochs = 2
   c.client.local_steps = 0
   c.client.learning_rate = 0.1
-  c.server.optimizer = "fedavgm"
+  c.server.optimizer = "fedavg"   # server momentum amplified the noise and diverged
   c.server.learning_rate = 1.0
-  c.server.momentum = 0.9
   c.dp.level = "client"
   c.dp.clip_norm = 0.5
   c.dp.noise_multiplier = 1.2
