@@ -132,6 +132,6 @@ def run_cohort(block_fn: Callable, params: PyTree, train: ClientArrays,
   for b, (ids, valid) in enumerate(blocks):
     arrays = train.take(ids)
     arrays = dataclasses.replace(arrays, counts=np.where(valid, arrays.counts, 0))
-    total = block_fn(params, put(client_data(arrays)), valid,
-                     keys[b * block:(b + 1) * block], hparams, total)
+    total = block_fn(params, put(client_data(arrays)), put(valid),
+                     put(keys[b * block:(b + 1) * block]), hparams, total)
   return total

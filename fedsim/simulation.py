@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedsim import augment, evaluation, io, models, privacy_plan, rounds, sampling, server, strategy
+from fedsim import (augment, evaluation, io, models, privacy_plan, rounds, sampling, server,
+                    sharding, strategy)
 from fedsim import config as config_lib
 from fedsim.client import LocalSchedule, make_client_update
 from fedsim.data import make_federated_data
@@ -91,6 +92,8 @@ class Setup:
     self.server_step = jax.jit(functools.partial(server.server_update, self.server_opt))
     self.predict = evaluation.make_predict_fn(self.apply_fn, mean=fed.mean, std=fed.std)
     self.hparams = hyperparameters(config)
+    self.put = (sharding.client_put(sharding.client_mesh()) if self.strategy.devices > 1
+                else jax.device_put)
 
   def init_params(self, key):
     x = jnp.zeros((1,) + self.fed.image_shape, jnp.float32)
@@ -167,7 +170,7 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
     result = rounds.run_cohort(setup.block_fn, params, fed.train, cohort,
                                block=setup.strategy.block,
                                round_key=jax.random.fold_in(round_key, 0),
-                               hparams=setup.hparams)
+                               hparams=setup.hparams, put=setup.put)
     mean_delta = setup.plan.finalize(result, jax.random.fold_in(round_key, 1),
                                      setup.hparams)
     if mean_delta is not None:

@@ -30,10 +30,11 @@ class Strategy:
   block: int   # clients per jitted call (a multiple of chunk)
   conv: str    # "xla" | "patches"
   unroll: int  # lax.scan unroll factor for local steps
+  devices: int = 1  # devices the block's client axis is split over
 
 
 def resolve(engine_config, *, cohort_size: int, num_steps: int,
-            backend: str | None = None) -> Strategy:
+            backend: str | None = None, devices: int | None = None) -> Strategy:
   """The strategy for this backend, with `engine.*` overrides applied.
 
   Args:
@@ -42,6 +43,9 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
     cohort_size: clients per round (expected size for Poisson cohorts).
     num_steps: local steps per client (bounds the unroll factor).
     backend: jax backend name; default `jax.default_backend()`.
+    devices: devices to shard the client axis over (default: all local devices
+      when `engine.shard_clients`); with more than one, a block is one vmapped
+      chunk whose size is a multiple of the device count.
   """
   backend = backend or jax.default_backend()
   chunk, block, conv, unroll = DEFAULTS.get(backend, DEFAULTS["gpu"])
@@ -51,4 +55,8 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
   block = -(-max(block, chunk) // chunk) * chunk  # a multiple of chunk
   conv = conv if engine_config.conv == "auto" else engine_config.conv
   unroll = min(engine_config.unroll or unroll or num_steps, max(1, num_steps))
-  return Strategy(chunk=chunk, block=block, conv=conv, unroll=unroll)
+  if devices is None:
+    devices = jax.local_device_count() if engine_config.shard_clients else 1
+  if devices > 1:  # one vmapped chunk per block, split evenly over the devices
+    chunk = block = -(-max(block, devices) // devices) * devices
+  return Strategy(chunk=chunk, block=block, conv=conv, unroll=unroll, devices=devices)
