@@ -20,8 +20,18 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedsim import (augment, evaluation, io, models, privacy_plan, rounds, sampling, server,
-                    sharding, strategy)
+from fedsim import (
+  augment,
+  evaluation,
+  io,
+  models,
+  privacy_plan,
+  rounds,
+  sampling,
+  server,
+  sharding,
+  strategy,
+)
 from fedsim import config as config_lib
 from fedsim.client import LocalSchedule, make_client_update
 from fedsim.data import make_federated_data
