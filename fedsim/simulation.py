@@ -79,8 +79,9 @@ class Setup:
     if config.client_sampling_rate > 0:  # ~ expected cohort + 3 std, one call usually
       q, n = config.client_sampling_rate, config.num_clients
       block_size = min(n, int(np.ceil(q * n + 3 * np.sqrt(q * (1 - q) * n))) or 1)
-    # Sharded DP-SGD rounds do not yet match unsharded ones (even without noise;
-    # under investigation), so example/patient-level DP runs on one device.
+    # Sharded DP-SGD rounds do not match unsharded ones on XLA:CPU: per-example
+    # gradients of lax.conv under a sharded client vmap differ (conv="patches"
+    # matches), so example/patient-level DP runs on one device for now.
     unsharded = config.dp.level in ("example", "patient") or not config.engine.shard_clients
     self.strategy = strategy.resolve(config.engine, cohort_size=block_size,
                                      num_steps=schedule.num_steps,
