@@ -80,6 +80,14 @@ class LocalSchedule:
     return self.steps if self.steps > 0 else self.epochs * self.steps_per_epoch
 
 
+def schedule_from_config(client_config, max_examples: int, unroll: int = 1) -> LocalSchedule:
+  """The run's `LocalSchedule` from the `client` config (one builder for the clients
+  and the accountant, so the steps that run are the steps that are charged)."""
+  return LocalSchedule(max_examples=max_examples, batch_size=client_config.batch_size,
+                       epochs=client_config.local_epochs, steps=client_config.local_steps,
+                       unroll=unroll)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example softmax cross-entropy `[B]`."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -148,9 +148,7 @@ def local_sampling(config, fed: FederatedData) -> tuple[np.ndarray, np.ndarray, 
   The same `client.poisson_rate` / `client.active_steps` the clients run with.
   """
   counts = fed.train.counts
-  schedule = client_lib.LocalSchedule(
-      max_examples=fed.train.max_examples, batch_size=config.client.batch_size,
-      epochs=config.client.local_epochs, steps=config.client.local_steps)
+  schedule = client_lib.schedule_from_config(config.client, fed.train.max_examples)
   rates = client_lib.poisson_rate(counts, schedule.batch_size)
   steps = client_lib.active_steps(counts, schedule)
   units = counts if config.dp.level == "example" else fed.train.num_patients

@@ -32,6 +32,7 @@ from fedsim import (
   sharding,
   strategy,
 )
+from fedsim import client as client_lib
 from fedsim import config as config_lib
 from fedsim.client import LocalSchedule, make_client_update
 from fedsim.data import make_federated_data
@@ -43,10 +44,7 @@ INIT, ROUND = 0, 1
 
 def local_schedule(config, fed: FederatedData, unroll: int = 1) -> LocalSchedule:
   """The static local-training shape of this run's clients."""
-  return LocalSchedule(max_examples=fed.train.max_examples,
-                       batch_size=config.client.batch_size,
-                       epochs=config.client.local_epochs,
-                       steps=config.client.local_steps, unroll=unroll)
+  return client_lib.schedule_from_config(config.client, fed.train.max_examples, unroll)
 
 
 def hyperparameters(config) -> dict:
@@ -74,8 +72,7 @@ class Setup:
   def __init__(self, config: ml_collections.ConfigDict, fed: FederatedData):
     self.config, self.fed = config, fed
     schedule = local_schedule(config, fed)
-    block_size = (config.num_clients if config.client_sampling_rate > 0
-                  else config.clients_per_round)
+    block_size = config.clients_per_round
     if config.client_sampling_rate > 0:  # ~ expected cohort + 3 std, one call usually
       q, n = config.client_sampling_rate, config.num_clients
       block_size = min(n, int(np.ceil(q * n + 3 * np.sqrt(q * (1 - q) * n))) or 1)
