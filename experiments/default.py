@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.dp.max_batch_size = 0        # > 0: truncated Poisson batches (PLD); 0: exact Poisson
   c.dp.clipping = "vmap"         # vmap | ghost: per-example gradient norms
   c.dp.microbatch_size = 0       # > 0: per-example gradients in slices (memory)
+  c.dp.adaptive_clip = False     # client level: clip_norm tracks a private quantile of norms
+  c.dp.target_quantile = 0.5     # adaptive: fraction of hospitals left unclipped, in (0, 1)
+  c.dp.clip_learning_rate = 0.2  # adaptive: S *= exp(-lr * (unclipped fraction - quantile))
+  c.dp.clipped_count_stddev = 0.0  # adaptive: noise std on the count (0: expected cohort / 20)
 
   c.secure_agg = ml_collections.ConfigDict()
   c.secure_agg.enabled = False

@@ -196,14 +196,18 @@ class PoissonSampler:
   """Poisson sampling of privacy units at each local step (DP-SGD).
 
   Each unit (an example, or a patient with all its images) is in a step's batch
-  independently with rate `poisson_rate(count, batch_size)`. The batch is a
-  fixed-size gather of `gather` examples: `gather == max_examples` is exact
-  Poisson (a mask over the whole local set); a smaller gather truncates
-  (accounted as a truncated subsampled Gaussian, and counted).
+  independently with rate `poisson_rate(count, batch_size)`. With `max_units == 0`
+  the batch is a mask over the whole local set (exact Poisson). With
+  `max_units > 0` at most that many units are kept, a uniformly random subset of
+  the sampled ones, always whole patients (truncated Poisson, accounted by
+  `TruncatedSubsampledGaussianDpEvent` over units, and counted); the gather is
+  then `max_units * unit_images` examples, `unit_images` being the most images
+  any unit has, so the kept units always fit.
   """
 
   unit: str = "example"  # "example" | "patient"
-  gather: int = 0        # 0: exact, the whole local set
+  max_units: int = 0     # 0: exact, the whole local set
+  unit_images: int = 1   # most images of one unit (1 for examples)
 
   def expected_units(self, data: "ClientData", rate: jax.Array) -> jax.Array:
     """Public expected units per step, the DP-SGD divisor (>= 1; padded clients)."""
@@ -214,16 +218,23 @@ class PoissonSampler:
     """`(index [M], mask [M], truncated [])` for one local step."""
     n = real.shape[0]
     u_key, order_key = jax.random.split(key)
-    u = index_uniform(u_key, n)
+    u, v = index_uniform(u_key, n), index_uniform(order_key, n)
+    unit = data.patients if self.unit == "patient" else jnp.arange(n)
     if self.unit == "patient":  # one draw per patient slot, shared by its images
-      u = u[jnp.clip(data.patients, 0, n - 1)]
+      slot = jnp.clip(data.patients, 0, n - 1)
+      u, v = u[slot], v[slot]
     selected = (u < rate) & real
-    gather = self.gather or n
-    if gather >= n:
+    if not self.max_units:
       return jnp.arange(n), selected, jnp.bool_(False)
-    v = index_uniform(order_key, n)
-    index = jnp.argsort(jnp.where(selected, v, 2.0 + v))[:gather]
-    return index, selected[index], jnp.sum(selected) > gather
+    # Sampled units first in a random order; a unit's images stay adjacent (equal
+    # keys, stable sort), so the first `max_units` units are whole.
+    order = jnp.argsort(jnp.where(selected, v, 2.0 + v), stable=True)
+    chosen, ids = selected[order], unit[order]
+    first = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]]) & chosen
+    rank = jnp.cumsum(first) - 1
+    gather = min(n, self.max_units * self.unit_images)
+    keep = chosen & (rank < self.max_units)
+    return order[:gather], keep[:gather], jnp.sum(first) > self.max_units
 
 
 def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,

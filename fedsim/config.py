@@ -93,6 +93,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _validate_dp(config) -> None:
   _one_of(config, "dp.level", DP_LEVELS)
+  _validate_adaptive_clip(config)
   if config.dp.level == "none":
     return
   _one_of(config, "dp.accountant", ACCOUNTANTS)
@@ -103,3 +104,20 @@ def _validate_dp(config) -> None:
   _int_at_least(config, "dp.max_batch_size", 0)
   _int_at_least(config, "dp.microbatch_size", 0)
   _one_of(config, "dp.clipping", ("vmap", "ghost"))
+
+
+def _validate_adaptive_clip(config) -> None:
+  dp = config.dp
+  _check(isinstance(dp.adaptive_clip, bool), "dp.adaptive_clip", dp.adaptive_clip,
+         "True or False")
+  _check(0.0 < dp.target_quantile < 1.0, "dp.target_quantile", dp.target_quantile,
+         "in (0, 1)")
+  _non_negative(config, "dp.clip_learning_rate")
+  _non_negative(config, "dp.clipped_count_stddev")
+  if not dp.adaptive_clip:
+    return
+  _check(dp.level == "client", "dp.adaptive_clip", True,
+         f"False with dp.level={dp.level!r} (adaptive clipping is for dp.level='client')")
+  if config.client_sampling_rate > 0:  # 0 is refused by the client-level plan
+    from fedsim import privacy_plan  # pylint: disable=import-outside-toplevel
+    privacy_plan.adaptive_clip_count_stddev(config)

@@ -14,6 +14,8 @@ mechanism that runs and the mechanism that is accounted cannot drift apart
 - `client`: DP-FedAvg. Poisson cohorts with rate q, each delta clipped to S
   (`dp.clip_norm`), N(0, (sigma S)^2) once per round on the sum, division by the
   expected cohort `q * num_clients`; one ledger entry per round for everyone.
+  With `dp.adaptive_clip`, S follows a private quantile of the delta norms
+  (privacy/adaptive_clipping.py); the ledger is the same.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from fedsim import client as client_lib
 from fedsim import models
 from fedsim.data.base import FederatedData
-from privacy import accounting, clipping
+from privacy import accounting, adaptive_clipping, clipping
 
 UNITS = {"none": None, "example": "example", "patient": "patient", "client": "hospital"}
 
@@ -45,6 +47,8 @@ class PrivacyPlan:
     delta_transform: per-client `(delta, hparams) -> (delta, stats)` or None.
     finalize: `(round sums, key, hparams) -> mean delta` (None: skip the step).
     ledger: `privacy.accounting.PrivacyLedger` or None.
+    update_hparams: `(round sums, key, hparams) -> hparams` of the next round
+      (adaptive clipping moves `clip_norm`), or None.
   """
 
   unit: Optional[str]
@@ -54,6 +58,7 @@ class PrivacyPlan:
   delta_transform: Optional[Callable]
   finalize: Callable
   ledger: Any
+  update_hparams: Optional[Callable] = None
 
   def round_stats(self, sums: dict) -> dict:
     """Human-readable privacy statistics from one round's metric sums."""
@@ -119,9 +124,14 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
 
 
 def clip_delta(delta, hparams):
-  """Client-level DP: each hospital's delta clipped to S = dp.clip_norm."""
+  """Client-level DP: each hospital's delta clipped to S = hparams["clip_norm"].
+
+  Stats: `delta_clipped` = 1[norm > S] and `delta_unclipped` = 1[norm <= S] (the
+  b_k of adaptive clipping; both 0 for a non-finite delta).
+  """
   clipped, norm = clipping.clip_tree(delta, hparams["clip_norm"])
-  return clipped, {"delta_clipped": (norm > hparams["clip_norm"]).astype(jnp.float32)}
+  return clipped, {"delta_clipped": (norm > hparams["clip_norm"]).astype(jnp.float32),
+                   "delta_unclipped": (norm <= hparams["clip_norm"]).astype(jnp.float32)}
 
 
 def check_model(variables, level: str) -> None:
@@ -160,24 +170,21 @@ def _local_plan(config, fed, apply_fn, level) -> PrivacyPlan:
   accounting.validate_dp_params(
       noise_multiplier=config.dp.noise_multiplier, sampling_rate=float(rates.max()),
       delta=config.dp.delta, clip_norm=config.dp.clip_norm, population=int(units.max()))
-  gather = config.dp.max_batch_size
-  truncated = 0 < gather < fed.train.max_examples
-  if truncated and level == "patient":
-    raise ValueError(
-        f"dp.max_batch_size={gather} must be 0 for dp.level='patient': truncating a "
-        "batch of images can cut a patient, which the truncated-Poisson event does not "
-        "describe (use exact Poisson, or dp.level='example')")
+  max_units = config.dp.max_batch_size
+  truncated = 0 < max_units < int(units.max())
   if level == "patient" and config.dp.clipping == "ghost" and config.dp.microbatch_size:
     raise ValueError("dp.microbatch_size must be 0 with dp.clipping='ghost' and "
                      "dp.level='patient' (ghost clipping of patients is not microbatched)")
   ledger = accounting.PrivacyLedger.for_local_dp_sgd(
       sampling_rates=rates, steps=steps, noise_multiplier=config.dp.noise_multiplier,
       delta=config.dp.delta, accountant=config.dp.accountant, unit=level,
-      truncated_batch_size=gather if truncated else None,
+      truncated_batch_size=max_units if truncated else None,
       dataset_sizes=units if truncated else None)
   grad_fn = dp_sgd_gradient(apply_fn, unit=level, method=config.dp.clipping,
                             microbatch_size=config.dp.microbatch_size)
-  sampler = client_lib.PoissonSampler(unit=level, gather=gather if truncated else 0)
+  sampler = client_lib.PoissonSampler(
+      unit=level, max_units=max_units if truncated else 0,
+      unit_images=fed.train.max_patient_images if level == "patient" else 1)
   return PrivacyPlan(level, grad_fn, sampler, config.server.weighting, None,
                      weighted_mean, ledger)
 
@@ -196,14 +203,41 @@ def _client_level_plan(config, fed, apply_fn) -> PrivacyPlan:
       num_hospitals=config.num_clients, noise_multiplier=config.dp.noise_multiplier,
       delta=config.dp.delta, sampling_rate=q, accountant=config.dp.accountant)
   expected = q * config.num_clients
+  adaptive = config.dp.adaptive_clip
+  count_stddev = adaptive_clip_count_stddev(config) if adaptive else 0.0
 
   def finalize(result, key, hparams):
+    z = hparams["noise_multiplier"]
+    if adaptive:  # the count takes its share of the budget (total stays z)
+      z = adaptive_clipping.delta_noise_multiplier(z, count_stddev)
     return clipping.privatize(
         result.delta_sum, key, clip_norm=hparams["clip_norm"],
-        noise_multiplier=hparams["noise_multiplier"], expected_batch_size=expected)
+        noise_multiplier=z, expected_batch_size=expected)
+
+  def update_hparams(result, key, hparams):
+    clip_norm = adaptive_clipping.update_clip_norm(
+        hparams["clip_norm"], result.metrics["delta_unclipped"], result.metrics["clients"],
+        key, target_quantile=config.dp.target_quantile,
+        learning_rate=config.dp.clip_learning_rate, count_stddev=count_stddev,
+        expected_cohort=expected)
+    return {**hparams, "clip_norm": clip_norm}
 
   return PrivacyPlan("hospital", client_lib.mean_gradient(apply_fn), None, "uniform",
-                     clip_delta, finalize, ledger)
+                     clip_delta, finalize, ledger, update_hparams if adaptive else None)
+
+
+def adaptive_clip_count_stddev(config) -> float:
+  """sigma_b of `dp.adaptive_clip` (default E / 20); ValueError if 2 sigma_b <= z."""
+  expected = config.client_sampling_rate * config.num_clients
+  stddev = (config.dp.clipped_count_stddev
+            or adaptive_clipping.default_count_stddev(expected))
+  z = config.dp.noise_multiplier
+  if z > 0 and not 2 * stddev > z:
+    raise ValueError(
+        f"dp.clipped_count_stddev={config.dp.clipped_count_stddev} (sigma_b={stddev:g}) "
+        f"must be > dp.noise_multiplier / 2 = {z / 2:g} for dp.adaptive_clip=True "
+        "(set it explicitly, or raise client_sampling_rate * num_clients)")
+  return stddev
 
 
 def ledger_preview(config):

@@ -3,7 +3,8 @@
 Per round: sample the cohort (host, from (seed, round)), run it as compiled blocks
 of vmapped clients (fedsim/rounds.py), let the privacy plan turn the sums into the
 server's mean delta (plain average, or clipped-and-noised for client-level DP),
-step the server optimiser, charge the accountant, and every `eval_every` rounds
+step the server optimiser, charge the accountant (with `dp.adaptive_clip`, move
+the clip norm for the next round), and every `eval_every` rounds
 evaluate on the test split of every hospital and on the unseen hospitals.
 """
 
@@ -40,6 +41,8 @@ from fedsim.data.base import FederatedData
 
 # Purposes folded into the seed key, so streams never collide.
 INIT, ROUND = 0, 1
+# Purposes folded into each round key: client keys, delta noise, clipped-count noise.
+CLIENTS, DELTA_NOISE, COUNT_NOISE = 0, 1, 2
 
 
 def local_schedule(config, fed: FederatedData, unroll: int = 1) -> LocalSchedule:
@@ -166,6 +169,7 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
   params = setup.init_params(jax.random.fold_in(seed_key, INIT))
   opt_state = setup.server_opt.init(params)
   ledger = setup.plan.ledger
+  hparams = dict(setup.hparams)  # adaptive clipping moves clip_norm (same shapes: no recompile)
   start = time.perf_counter()
   scalars, report, stopped_early, rounds_done = {}, {}, None, 0
   bar = tqdm(range(1, config.num_rounds + 1), desc="rounds", disable=not progress,
@@ -181,10 +185,14 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
     round_key = jax.random.fold_in(jax.random.fold_in(seed_key, ROUND), r)
     result = rounds.run_cohort(setup.block_fn, params, fed.train, cohort,
                                block=setup.strategy.block,
-                               round_key=jax.random.fold_in(round_key, 0),
-                               hparams=setup.hparams, put=setup.put)
-    mean_delta = setup.plan.finalize(result, jax.random.fold_in(round_key, 1),
-                                     setup.hparams)
+                               round_key=jax.random.fold_in(round_key, CLIENTS),
+                               hparams=hparams, put=setup.put)
+    mean_delta = setup.plan.finalize(result, jax.random.fold_in(round_key, DELTA_NOISE),
+                                     hparams)
+    clip_norm = hparams["clip_norm"]  # the S this round clipped to
+    if setup.plan.update_hparams is not None:
+      hparams = setup.plan.update_hparams(
+          result, jax.random.fold_in(round_key, COUNT_NOISE), hparams)
     if mean_delta is not None:
       params, opt_state = setup.server_step(params, opt_state, mean_delta)
     if ledger is not None:
@@ -199,6 +207,8 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
           cohort_size=len(cohort), wall_seconds=time.perf_counter() - start,
           epsilon=ledger.max_epsilon() if ledger is not None else None,
           **setup.plan.round_stats(train))
+      if setup.plan.unit == "hospital":
+        scalars["clip_norm"] = float(clip_norm)
       if ledger is not None:
         ledger.snapshot(r)
       writer.write_scalars(r, scalars)

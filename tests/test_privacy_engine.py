@@ -65,6 +65,36 @@ def client_lib_data(arrays: ClientArrays):
                                arrays.counts, arrays.num_patients)
 
 
+def test_truncated_patient_draw_keeps_whole_patients_and_flags_truncation():
+  images = np.array([1, 3, 2, 4, 1, 2, 3, 1, 4, 2, 1, 1])  # per patient
+  patients = np.repeat(np.arange(len(images)), images)
+  n = len(patients) + 5  # padded slots
+  data = client_lib.ClientData(
+      images=jnp.zeros((n, 1, 1, 1), jnp.uint8), labels=jnp.zeros(n, jnp.int32),
+      patients=jnp.asarray(np.pad(patients, (0, 5), constant_values=-1), jnp.int32),
+      count=jnp.int32(len(patients)), num_patients=jnp.int32(len(images)))
+  real = jnp.arange(n) < len(patients)
+  exact = client_lib.PoissonSampler("patient")
+  capped = client_lib.PoissonSampler("patient", max_units=3, unit_images=4)
+  seen_truncated = seen_whole = 0
+  for i in range(100):
+    key, rate = jax.random.key(i), jnp.float32(0.4)
+    _, all_sel, _ = exact.draw(key, data, real, rate)
+    index, mask, truncated = capped.draw(key, data, real, rate)
+    assert index.shape == (12,)  # 3 patients x at most 4 images
+    sampled = set(patients[np.asarray(all_sel)[:len(patients)]])
+    kept_images = np.asarray(index)[np.asarray(mask)]
+    kept = set(patients[kept_images])
+    assert len(kept_images) == len(set(kept_images.tolist()))  # no image twice
+    assert kept <= sampled and len(kept) == min(3, len(sampled))
+    for p in kept:  # whole patients only
+      assert set(np.flatnonzero(patients == p)) <= set(kept_images.tolist())
+    assert bool(truncated) == (len(sampled) > 3)
+    seen_truncated += bool(truncated)
+    seen_whole += not bool(truncated)
+  assert seen_truncated and seen_whole  # both branches exercised
+
+
 def test_empty_draw_adds_noise_and_divides_by_the_expected_units(patient_setup):
   setup = patient_setup
   params = setup.init_params(jax.random.key(0))

@@ -117,10 +117,17 @@ def test_pneumonia_config_runs_end_to_end_on_a_kermany_folder(tmp_path):
   assert all(name in report for name in ("normal", "bacterial", "viral"))
 
 
-def test_truncated_batches_are_refused_at_the_patient_level(tmp_path):
+def test_truncated_patient_batches_are_accounted_over_patients(tmp_path):
   config = _shrink(pneumonia.get_config())
   config.data.source = "synthetic"
   config.data.image_size = 12
-  config.dp.max_batch_size = 6
-  with pytest.raises(ValueError, match="dp.max_batch_size=6 must be 0 for dp.level='patient'"):
-    simulation.prepare(config)
+  config.dp.max_batch_size = 2
+  config.dp.accountant = "pld"
+  setup = simulation.prepare(config)
+  assert setup.plan.sampler.max_units == 2
+  assert setup.plan.sampler.unit_images == setup.fed.train.max_patient_images
+  setup.plan.ledger.record_round(np.ones(config.num_clients, bool))
+  for k, event in enumerate(setup.plan.ledger.hospital_events()):
+    step = event.event.event  # per hospital: rounds(steps(truncated step))
+    assert step.truncated_batch_size == 2
+    assert step.dataset_size == setup.fed.train.num_patients[k]

@@ -100,6 +100,12 @@ class ClientArrays:
     return self.images.shape[1]
 
   @property
+  def max_patient_images(self) -> int:
+    """Most images any one patient has (1 for an empty split)."""
+    ids = self.patients + self.num_patients.max() * np.arange(self.num_clients)[:, None]
+    return int(np.bincount(ids[self.patients >= 0]).max(initial=1))
+
+  @property
   def mask(self) -> np.ndarray:
     """bool `[clients, max_examples]`, True on real examples."""
     return np.arange(self.max_examples)[None, :] < self.counts[:, None]
