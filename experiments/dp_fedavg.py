@@ -18,6 +18,7 @@ def get_config():
   c = default.get_config()
   c.num_clients = 500
   c.num_rounds = 100
+  c.model = "cnn"
   c.eval_every = 10
   c.client_sampling_rate = 0.1
   c.data.examples_per_client = 48
@@ -32,4 +33,5 @@ def get_config():
   c.dp.clip_norm = 0.5
   c.dp.noise_multiplier = 1.2
   c.dp.delta = 1e-5
+  c.dp.accountant = "rdp"
   return c

@@ -67,6 +67,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.augment_rotation = 10.0
 
   c.client.local_epochs = 1
+  c.client.local_steps = 3
   c.client.batch_size = 16
   c.client.optimizer = "sgd"
   c.client.learning_rate = 0.1
@@ -76,6 +77,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.dp.clip_norm = 1.0
   c.dp.delta = 1e-5
   c.dp.accountant = "rdp"
+  c.dp.max_batch_size = 0          # exact Poisson
 
   if variant == "64":
     c.data.path = "data/pneumoniamnist_64.npz"

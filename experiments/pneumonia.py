@@ -80,6 +80,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.augment_rotation = 10.0   # degrees
 
   c.client.local_epochs = 1
+  c.client.local_steps = 3
   c.client.batch_size = 32         # expected images per Poisson step
   c.client.optimizer = "adam"
   c.client.learning_rate = 1e-3
@@ -89,7 +90,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.dp.clip_norm = 1.0
   c.dp.delta = 1e-5                # well below 1 / patients per hospital (~1e-3)
   c.dp.accountant = "rdp"
-  c.dp.max_batch_size = 0          # exact Poisson: truncating images could cut a patient
+  c.dp.max_batch_size = 0          # exact Poisson (RDP)
   c.dp.clipping = "vmap"
   c.dp.microbatch_size = 32        # per-example gradients 32 at a time (bounds memory)
 

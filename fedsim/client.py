@@ -200,9 +200,10 @@ class PoissonSampler:
   the batch is a mask over the whole local set (exact Poisson). With
   `max_units > 0` at most that many units are kept, a uniformly random subset of
   the sampled ones, always whole patients (truncated Poisson, accounted by
-  `TruncatedSubsampledGaussianDpEvent` over units, and counted); the gather is
-  then `max_units * unit_images` examples, `unit_images` being the most images
-  any unit has, so the kept units always fit.
+  `TruncatedSubsampledGaussianDpEvent` over units, and counted). Patients then
+  come in slots: the gather is `[max_units * unit_images]`, patient r's images
+  at `r * unit_images + j` (`unit_images`: the most images any patient has), so
+  a patient's gradient is one `vmap` lane (see `privacy_plan.dp_sgd_gradient`).
   """
 
   unit: str = "example"  # "example" | "patient"
@@ -226,15 +227,23 @@ class PoissonSampler:
     selected = (u < rate) & real
     if not self.max_units:
       return jnp.arange(n), selected, jnp.bool_(False)
-    # Sampled units first in a random order; a unit's images stay adjacent (equal
-    # keys, stable sort), so the first `max_units` units are whole.
-    order = jnp.argsort(jnp.where(selected, v, 2.0 + v), stable=True)
+    # Sampled units first, in a random order; a unit's images stay adjacent.
+    order = jnp.lexsort((unit, jnp.where(selected, v, 2.0 + v)))
     chosen, ids = selected[order], unit[order]
-    first = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]]) & chosen
-    rank = jnp.cumsum(first) - 1
-    gather = min(n, self.max_units * self.unit_images)
+    boundary = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+    rank = jnp.cumsum(boundary & chosen) - 1
     keep = chosen & (rank < self.max_units)
-    return order[:gather], keep[:gather], jnp.sum(first) > self.max_units
+    truncated = jnp.sum(boundary & chosen) > self.max_units
+    if self.unit == "example":
+      return order[:self.max_units], keep[:self.max_units], truncated
+    # Patient slots: kept patient r's j-th image goes to slot r * unit_images + j.
+    position = jnp.arange(n)
+    start = jax.lax.cummax(jnp.where(boundary, position, 0))
+    size = self.max_units * self.unit_images
+    slot = jnp.where(keep, rank * self.unit_images + position - start, size)
+    index = jnp.zeros(size, order.dtype).at[slot].set(order, mode="drop")
+    mask = jnp.zeros(size, bool).at[slot].set(True, mode="drop")
+    return index, mask, truncated
 
 
 def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,

@@ -9,6 +9,7 @@ differ (XLA:CPU lowers a vmapped `lax.conv` with per-client weights poorly).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -53,25 +54,37 @@ def conv_module(impl: str) -> Callable[..., nn.Module]:
   raise ValueError(f"engine.conv={impl!r} must be one of {CONV_IMPLS + ('auto',)}")
 
 
-def _conv_stem(conv: Callable[..., nn.Module], x: jax.Array) -> jax.Array:
+ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}
+
+
+def _conv_stem(conv: Callable[..., nn.Module], x: jax.Array,
+               act: Callable[[jax.Array], jax.Array]) -> jax.Array:
   """conv16 3x3 - avgpool - conv32 3x3 - avgpool (called inside a compact method)."""
-  x = nn.relu(conv(16, (3, 3), name="conv1")(x))
+  x = act(conv(16, (3, 3), name="conv1")(x))
   x = nn.avg_pool(x, (2, 2), (2, 2))
-  x = nn.relu(conv(32, (3, 3), name="conv2")(x))
+  x = act(conv(32, (3, 3), name="conv2")(x))
   return nn.avg_pool(x, (2, 2), (2, 2))
 
 
 class SmallCNN(nn.Module):
-  """conv16 3x3 - avgpool - conv32 3x3 - avgpool - dense64 - dense(num_classes)."""
+  """conv16 3x3 - avgpool - conv32 3x3 - avgpool - dense64 - dense(num_classes).
+
+  `activation="tanh"` ("cnn_tanh") is the bounded activation that trains better
+  under DP-SGD (Papernot et al. 2021, "Tempered sigmoid activations"): on the
+  synthetic task at the default run's noise level it reached 64% where ReLU
+  stayed at 50% (centralised, 200 steps).
+  """
 
   num_classes: int = 3
   conv: str = "xla"
+  activation: str = "relu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = _conv_stem(conv_module(self.conv), x)
+    act = ACTIVATIONS[self.activation]
+    x = _conv_stem(conv_module(self.conv), x, act)
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(64, name="dense1")(x))
+    x = act(nn.Dense(64, name="dense1")(x))
     return nn.Dense(self.num_classes, name="head")(x)
 
 
@@ -79,8 +92,8 @@ class SmallCNNGap(nn.Module):
   """conv16 - avgpool - conv32 - avgpool - conv32 - global average - dense(classes).
 
   About 14k parameters (SmallCNN: 107k, most in its dense layer): DP noise grows
-  with the square root of the parameter count, so per-hospital DP-SGD learns far
-  better with this model at the same epsilon.
+  with the square root of the parameter count. It also learns more slowly: on the
+  synthetic task it did not beat SmallCNN under DP-SGD.
   """
 
   num_classes: int = 3
@@ -89,7 +102,7 @@ class SmallCNNGap(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = conv_module(self.conv)
-    x = nn.relu(conv(32, (3, 3), name="conv3")(_conv_stem(conv, x)))
+    x = nn.relu(conv(32, (3, 3), name="conv3")(_conv_stem(conv, x, nn.relu)))
     return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
@@ -143,7 +156,8 @@ class ResNet18(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-MODELS = {"cnn": SmallCNN, "cnn_gap": SmallCNNGap, "resnet18": ResNet18}
+MODELS = {"cnn": SmallCNN, "cnn_tanh": functools.partial(SmallCNN, activation="tanh"),
+          "cnn_gap": SmallCNNGap, "resnet18": ResNet18}
 
 
 def make_model(name: str, *, num_classes: int, conv: str = "xla") -> nn.Module:

@@ -93,20 +93,41 @@ def batch_groups(patients: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
-                    microbatch_size: int) -> client_lib.GradientFn:
-  """DP-SGD step gradient: clip per unit, sum, noise, divide by expected units."""
+                    microbatch_size: int, patient_slots: int = 0) -> client_lib.GradientFn:
+  """DP-SGD step gradient: clip per unit, sum, noise, divide by expected units.
+
+  `patient_slots > 0`: the batch holds patients in slots of that many images
+  (the truncated patient sampler's layout), so each patient is one lane of
+  `vmap(grad)`; otherwise patients are found by id anywhere in the batch.
+  """
 
   def per_example_loss(params, batch):
     return client_lib.cross_entropy(apply_fn(params, batch["x"]), batch["y"])
 
-  def grad_fn(params, batch: client_lib.Batch, key, hparams):
+  def per_patient_loss(params, batch):  # batch leaves [M, slots, ...]
+    m, k = batch["y"].shape
+    logits = apply_fn(params, batch["x"].reshape((m * k,) + batch["x"].shape[2:]))
+    losses = client_lib.cross_entropy(logits, batch["y"].reshape(-1)).reshape(m, k)
+    return jnp.sum(jnp.where(batch["w"], losses, 0.0), axis=1)
+
+  def clipped_sum(params, batch: client_lib.Batch, clip_norm):
+    if unit == "patient" and patient_slots:
+      shape = (-1, patient_slots)
+      slots = {"x": batch.x.reshape(shape + batch.x.shape[1:]),
+               "y": batch.y.reshape(shape), "w": batch.mask.reshape(shape)}
+      return clipping.clipped_grad_sum(
+          per_patient_loss, params, slots, jnp.any(slots["w"], axis=1),
+          clip_norm=clip_norm, method="vmap", microbatch_size=microbatch_size or None)
     patient = unit == "patient"
-    grad_sum, stats = clipping.clipped_grad_sum(
+    return clipping.clipped_grad_sum(
         per_example_loss, params, {"x": batch.x, "y": batch.y}, batch.mask,
-        clip_norm=hparams["clip_norm"],
+        clip_norm=clip_norm,
         groups=batch_groups(batch.patients, batch.mask) if patient else None,
         num_groups=batch.mask.shape[0] if patient else None,
         method=method, microbatch_size=microbatch_size or None)
+
+  def grad_fn(params, batch: client_lib.Batch, key, hparams):
+    grad_sum, stats = clipped_sum(params, batch, hparams["clip_norm"])
     grad = clipping.privatize(
         grad_sum, key, clip_norm=hparams["clip_norm"],
         noise_multiplier=hparams["noise_multiplier"],
@@ -180,11 +201,13 @@ def _local_plan(config, fed, apply_fn, level) -> PrivacyPlan:
       delta=config.dp.delta, accountant=config.dp.accountant, unit=level,
       truncated_batch_size=max_units if truncated else None,
       dataset_sizes=units if truncated else None)
-  grad_fn = dp_sgd_gradient(apply_fn, unit=level, method=config.dp.clipping,
-                            microbatch_size=config.dp.microbatch_size)
   sampler = client_lib.PoissonSampler(
       unit=level, max_units=max_units if truncated else 0,
       unit_images=fed.train.max_patient_images if level == "patient" else 1)
+  slotted = level == "patient" and truncated
+  grad_fn = dp_sgd_gradient(apply_fn, unit=level, method=config.dp.clipping,
+                            microbatch_size=config.dp.microbatch_size,
+                            patient_slots=sampler.unit_images if slotted else 0)
   return PrivacyPlan(level, grad_fn, sampler, config.server.weighting, None,
                      weighted_mean, ledger)
 

@@ -51,8 +51,10 @@ REPLACE_ONE = "replace_one"
 RDP_ORDERS: tuple[float, ...] = tuple(
     sorted(set(rdp_privacy_accountant.DEFAULT_RDP_ORDERS) | {64, 80, 96, 112, 160, 192, 384, 768})
 )
-# jax_privacy's default; values below 1e-5 are slower and can be less accurate.
-PLD_DISCRETIZATION = 1e-4
+# PLD value discretisation. dp-accounting's PLDs are pessimistic (an upper bound) at any
+# interval; 1e-3 moved epsilon by < 1e-5 relative against 1e-4 (truncated n=1000,
+# q=0.2, B=240, sigma=1.5, 40 steps) and builds a step's PLD 8x faster (0.2 s).
+PLD_DISCRETIZATION = 1e-3
 CALIBRATION_RTOL = 1e-3
 
 _RELATIONS = {
@@ -522,6 +524,34 @@ def _poisson_gaussian_pld(
       neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
 
 
+@functools.lru_cache(maxsize=256)
+def _truncated_gaussian_pld(
+    n: int, q: float, batch: int, sigma: float, discretization: float
+) -> privacy_loss_distribution.PrivacyLossDistribution:
+  """The one-step PLD `PLDAccountant` builds for a TruncatedSubsampledGaussianDpEvent (cached)."""
+  return privacy_loss_distribution.from_truncated_subsampled_gaussian_mechanism(
+      dataset_size=n, sampling_probability=q, truncated_batch_size=batch,
+      noise_multiplier=sigma, value_discretization_interval=discretization,
+      neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+
+
+def _step_pld(event: DpEvent, discretization: float):
+  """(cached one-step PLD, steps) for SelfComposed^k of one noisy step, else (None, 0)."""
+  steps = 1
+  while isinstance(event, dpe.SelfComposedDpEvent):
+    steps *= event.count
+    event = event.event
+  if (isinstance(event, dpe.PoissonSampledDpEvent)
+      and isinstance(event.event, dpe.GaussianDpEvent) and event.event.noise_multiplier > 0):
+    return _poisson_gaussian_pld(float(event.sampling_probability),
+                                 float(event.event.noise_multiplier), discretization), steps
+  if isinstance(event, dpe.TruncatedSubsampledGaussianDpEvent) and event.noise_multiplier > 0:
+    return _truncated_gaussian_pld(
+        int(event.dataset_size), float(event.sampling_probability),
+        int(event.truncated_batch_size), float(event.noise_multiplier), discretization), steps
+  return None, 0
+
+
 # ----------------------------------------------------------------------------------- ledger
 
 
@@ -681,13 +711,11 @@ class PrivacyLedger:
       self._cache[(u, c)] = self._pld_epsilon(u, c)
 
   def _pld_epsilon(self, u: int, count: int) -> float:
-    params = _poisson_gaussian_params(self._events[u])
-    if params is None or params[1] == 0:
+    step, steps = _step_pld(self._events[u], self.pld_discretization)
+    if step is None:
       return epsilon(hospital_event(self._events[u], count), self.delta, "pld",
                      pld_discretization=self.pld_discretization)
-    q, sigma, steps = params
-    pld = _poisson_gaussian_pld(q, sigma, self.pld_discretization).self_compose(steps * count)
-    return float(pld.get_epsilon_for_delta(self.delta))
+    return float(step.self_compose(steps * count).get_epsilon_for_delta(self.delta))
 
   def _epsilons_at(self, counts: np.ndarray) -> np.ndarray:
     pairs, inverse = np.unique(np.stack([self._index, counts], axis=1), axis=0,

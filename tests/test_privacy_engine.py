@@ -95,6 +95,28 @@ def test_truncated_patient_draw_keeps_whole_patients_and_flags_truncation():
   assert seen_truncated and seen_whole  # both branches exercised
 
 
+def test_patient_slots_clip_the_same_patients_as_ids(patient_setup):
+  """The slotted layout (truncated sampler) and the id-grouped one agree, sigma = 0."""
+  setup = patient_setup
+  params = setup.init_params(jax.random.key(0))
+  rng = np.random.default_rng(1)
+  slots, per = 3, 2  # 3 patient slots of 2 images; slot 1 holds one image only
+  mask = jnp.array([True, True, True, False, True, True])
+  batch = client_lib.Batch(jnp.asarray(rng.normal(size=(6, 12, 12, 1)), jnp.float32),
+                           jnp.asarray(rng.integers(0, 3, 6), jnp.int32),
+                           jnp.array([7, 7, 2, -1, 5, 5], jnp.int32), mask)
+  hparams = {**setup.hparams, "noise_multiplier": jnp.float32(0.0),
+             "clip_norm": jnp.float32(0.01), "expected_units": jnp.float32(3.0)}
+  grads = []
+  for patient_slots in (per, 0):
+    grad_fn = privacy_plan.dp_sgd_gradient(setup.apply_fn, unit="patient", method="vmap",
+                                           microbatch_size=0, patient_slots=patient_slots)
+    grad, stats = jax.jit(grad_fn)(params, batch, jax.random.key(0), hparams)
+    assert float(stats["num_units"]) == slots and float(stats["num_clipped"]) == slots
+    grads.append(grad)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), *grads)
+
+
 def test_empty_draw_adds_noise_and_divides_by_the_expected_units(patient_setup):
   setup = patient_setup
   params = setup.init_params(jax.random.key(0))
