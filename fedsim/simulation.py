@@ -79,13 +79,19 @@ class Setup:
     if config.client_sampling_rate > 0:  # ~ expected cohort + 3 std, one call usually
       q, n = config.client_sampling_rate, config.num_clients
       block_size = min(n, int(np.ceil(q * n + 3 * np.sqrt(q * (1 - q) * n))) or 1)
-    # Sharded DP-SGD rounds do not match unsharded ones on XLA:CPU: per-example
-    # gradients of lax.conv under a sharded client vmap differ (conv="patches"
-    # matches), so example/patient-level DP runs on one device for now.
-    unsharded = config.dp.level in ("example", "patient") or not config.engine.shard_clients
-    self.strategy = strategy.resolve(config.engine, cohort_size=block_size,
-                                     num_steps=schedule.num_steps,
-                                     devices=1 if unsharded else None)
+    self.strategy = strategy.resolve(
+        config.engine, cohort_size=block_size, num_steps=schedule.num_steps,
+        devices=None if config.engine.shard_clients else 1)
+    if self.strategy.devices > 1 and config.dp.level in ("example", "patient"):
+      # Per-example gradients of lax.conv under a client vmap split over devices
+      # differ from the unsharded ones on XLA:CPU; patches + einsum match. So
+      # sharded DP-SGD lowers convolutions as patches, or (engine.conv="xla"
+      # asked for explicitly) runs on one device.
+      if config.engine.conv == "xla":
+        self.strategy = strategy.resolve(config.engine, cohort_size=block_size,
+                                         num_steps=schedule.num_steps, devices=1)
+      else:
+        self.strategy = dataclasses.replace(self.strategy, conv="patches")
     self.schedule = local_schedule(config, fed, self.strategy.unroll)
     self.model = models.make_model(config.model, num_classes=fed.num_classes,
                                    conv=self.strategy.conv)

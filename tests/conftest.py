@@ -17,7 +17,13 @@ def tiny_config():
   c.data.image_size = 12
   c.data.examples_per_client = 24
   c.data.num_unseen = 1
+  c.model = "cnn"
   c.client.batch_size = 8
+  c.client.local_steps = 3
+  c.client.learning_rate = 0.5
+  c.dp.noise_multiplier = 1.2
+  c.dp.accountant = "rdp"
+  c.dp.max_batch_size = 0  # exact Poisson; truncation has its own tests
   c.engine.client_chunk = 2
   c.engine.unroll = 1
   return c

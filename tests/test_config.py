@@ -13,7 +13,7 @@ def test_default_config_is_valid():
 @pytest.mark.parametrize("field, value, message", [
     ("num_clients", 0, "num_clients=0 must be an integer >= 1"),
     ("clients_per_round", 7, "clients_per_round=7 must be <= num_clients=6"),
-    ("model", "vgg", "model='vgg' must be one of ['cnn', 'cnn_gap', 'resnet18']"),
+    ("model", "vgg", "model='vgg' must be one of ['cnn', 'cnn_gap', 'cnn_tanh', 'resnet18']"),
     ("client.optimizer", "lbfgs", "client.optimizer='lbfgs' must be one of"),
     ("server.optimizer", "fedsgd", "server.optimizer='fedsgd' must be one of"),
     ("data.partition", "random", "data.partition='random' must be one of"),

@@ -131,3 +131,6 @@ def test_truncated_patient_batches_are_accounted_over_patients(tmp_path):
     step = event.event.event  # per hospital: rounds(steps(truncated step))
     assert step.truncated_batch_size == 2
     assert step.dataset_size == setup.fed.train.num_patients[k]
+  summary = simulation.train(setup, os.fspath(tmp_path / "run"), progress=False)
+  assert summary["privacy_unit"] == "patient" and summary["accountant"] == "pld"
+  assert 0 < summary["epsilon"] < float("inf")
