@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.client_sampling_rate = 0.0   # > 0: Poisson cohort with this rate
   c.eval_every = 10
   c.model = "cnn_tanh"           # cnn | cnn_tanh | cnn_gap | resnet18
-  c.checkpoint_every = 0         # rounds between checkpoints (0: only at the end)
+  c.checkpoint_every = 10        # rounds between checkpoints (0: only at the end); an
+                                 # unfinished run resumes from the latest, bit for bit
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"    # synthetic | medmnist | image_folder | tfds

@@ -20,3 +20,9 @@ def restore(directory: str, abstract_state, step: int | None = None):
   with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
     step = mngr.latest_step() if step is None else step
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def latest_step(directory: str) -> int | None:
+  """The latest saved step under `directory` (None when there is none)."""
+  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
+    return mngr.latest_step()

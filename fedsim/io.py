@@ -62,6 +62,18 @@ class MetricWriter:
     self.csv = os.path.join(workdir, "metrics.csv")
     self.history: list[dict] = []
 
+  def truncate(self, step: int) -> None:
+    """Keeps the rows of rounds <= `step` (a resumed run rewrites what follows)."""
+    rows = []
+    if os.path.exists(self.jsonl):
+      with open(self.jsonl) as f:
+        rows = [row for line in f if line.strip()
+                and (row := json.loads(line))["round"] <= step]
+    self.history = rows
+    with open(self.jsonl, "w") as f:
+      f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+    self._write_csv()
+
   def write_scalars(self, step: int, scalars: dict) -> None:
     row = to_json({"round": step, **scalars})
     self.history.append(row)

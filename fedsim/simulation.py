@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 
@@ -166,20 +167,74 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   return train(prepare(config), workdir, progress=progress)
 
 
+def _checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, "checkpoints")
+
+
+def resume_round(workdir: str, config) -> int:
+  """The round an unfinished run of the same config in `workdir` can resume from (0: none).
+
+  A run resumes when `workdir` holds its config.json (same config), a checkpoint
+  and no summary.json (it did not complete).
+  """
+  path = os.path.join(workdir, "config.json")
+  if (not os.path.exists(path) or os.path.exists(os.path.join(workdir, "summary.json"))
+      or not os.path.isdir(_checkpoint_dir(workdir))):
+    return 0
+  with open(path) as f:
+    if json.load(f).get("config") != io.to_json(json.loads(config.to_json())):
+      return 0
+  from fedsim import checkpoint  # orbax is slow to import; only needed here
+  return checkpoint.latest_step(_checkpoint_dir(workdir)) or 0
+
+
+def _server_state(params, opt_state, hparams) -> dict:
+  """What a checkpoint holds: enough to continue bit for bit (keys come from the round)."""
+  return {"params": params, "opt_state": opt_state, "clip_norm": hparams["clip_norm"]}
+
+
+def _restore(setup: Setup, workdir: str, step: int, state: dict, writer, hparams):
+  """Restores the server state of round `step`, the metrics rows and the ledger so far."""
+  from fedsim import checkpoint  # pylint: disable=import-outside-toplevel
+  state = checkpoint.restore(_checkpoint_dir(workdir), jax.eval_shape(lambda: state), step)
+  writer.truncate(step)
+  ledger = setup.plan.ledger
+  for r in range(1, step + 1):  # cohorts depend only on (seed, round): replay them
+    if ledger is not None:
+      mask = np.zeros(setup.config.num_clients, bool)
+      mask[sampling.cohort_for_round(setup.config, r)] = True
+      ledger.record_round(mask)
+      if any(row["round"] == r for row in writer.history):
+        ledger.snapshot(r)
+  return state["params"], state["opt_state"], {**hparams, "clip_norm": state["clip_norm"]}
+
+
 def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
-  """Runs the rounds of a prepared run; see `run`."""
+  """Runs the rounds of a prepared run; see `run`.
+
+  An unfinished run of the same config in `workdir` resumes from its latest
+  checkpoint (`checkpoint_every`) and ends bit for bit where an uninterrupted run
+  would (wall_seconds counts this process only).
+  """
   config, fed = setup.config, setup.fed
-  _prepare_workdir(workdir, config)
+  first_round = resume_round(workdir, config) + 1
+  if first_round == 1:
+    _prepare_workdir(workdir, config)
   writer = io.MetricWriter(workdir)
   seed_key = jax.random.key(config.seed)
   params = setup.init_params(jax.random.fold_in(seed_key, INIT))
   opt_state = setup.server_opt.init(params)
   ledger = setup.plan.ledger
   hparams = dict(setup.hparams)  # adaptive clipping moves clip_norm (same shapes: no recompile)
+  if first_round > 1:
+    params, opt_state, hparams = _restore(setup, workdir, first_round - 1,
+                                          _server_state(params, opt_state, hparams),
+                                          writer, hparams)
   start = time.perf_counter()
-  scalars, report, stopped_early, rounds_done = {}, {}, None, 0
-  bar = tqdm(range(1, config.num_rounds + 1), desc="rounds", disable=not progress,
-             dynamic_ncols=True)
+  scalars, report, stopped_early, rounds_done = {}, {}, None, first_round - 1
+  bar = tqdm(range(first_round, config.num_rounds + 1), desc="rounds",
+             disable=not progress, dynamic_ncols=True, initial=first_round - 1,
+             total=config.num_rounds)
   for r in bar:
     cohort = sampling.cohort_for_round(config, r)
     participating = np.zeros(config.num_clients, bool)
@@ -220,19 +275,21 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
       writer.write_scalars(r, scalars)
       bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}",
                       **({} if ledger is None else {"eps": f"{scalars['epsilon']:.2f}"}))
+    if config.checkpoint_every and r % config.checkpoint_every == 0 and r < config.num_rounds:
+      from fedsim import checkpoint  # pylint: disable=import-outside-toplevel
+      checkpoint.save(_checkpoint_dir(workdir), r, _server_state(params, opt_state, hparams))
   bar.close()
   if rounds_done and not scalars:  # stopped before the first evaluation
     scalars, report = evaluate(setup, params)
-  return _finish(config, setup, workdir, writer, params, opt_state, scalars, report,
-                 rounds_done, stopped_early, time.perf_counter() - start)
+  return _finish(config, setup, workdir, writer, _server_state(params, opt_state, hparams),
+                 scalars, report, rounds_done, stopped_early, time.perf_counter() - start)
 
 
-def _finish(config, setup: Setup, workdir, writer, params, opt_state, scalars, report,
+def _finish(config, setup: Setup, workdir, writer, state, scalars, report,
             rounds_done, stopped_early, wall) -> dict:
   """Writes checkpoint, plot, privacy.json, report.json and (last) summary.json."""
   from fedsim import checkpoint  # orbax is slow to import; only needed here
-  checkpoint.save(os.path.join(workdir, "checkpoints"), rounds_done,
-                  {"params": params, "opt_state": opt_state})
+  checkpoint.save(_checkpoint_dir(workdir), rounds_done, state)
   if writer.history:
     io.plot_curves(writer.history, os.path.join(workdir, "curves.png"))
   ledger = setup.plan.ledger
