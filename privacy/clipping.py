@@ -190,12 +190,18 @@ def _zero_invalid(batch: PyTree, valid: jax.Array) -> PyTree:
   return jax.tree.map(zero, batch)
 
 
-def _per_example_grads(loss_fn: LossFn, params: PyTree,
-                       batch: PyTree) -> PyTree:
-  """Per-example gradients, leaves `[M, *param_shape]`."""
+def _per_example_grads(loss_fn: LossFn, params: PyTree, batch: PyTree,
+                       has_aux: bool = False) -> PyTree:
+  """Per-example gradients, leaves `[M, *param_shape]` (and the aux `[M]` if has_aux)."""
   def one(example):
     single = jax.tree.map(lambda x: x[None], example)
-    return jax.grad(lambda p: loss_fn(p, single)[0])(params)
+    if not has_aux:
+      return jax.grad(lambda p: loss_fn(p, single)[0])(params)
+
+    def loss(p):
+      losses, aux = loss_fn(p, single)
+      return losses[0], jax.tree.map(lambda a: a[0], aux)
+    return jax.grad(loss, has_aux=True)(params)
   return jax.vmap(one)(batch)
 
 
@@ -213,17 +219,21 @@ def _sq_norms(grads: PyTree) -> jax.Array:
                      axis=1) for g in jax.tree.leaves(grads))
 
 
-def _example_core_vmap(loss_fn, params, batch, valid, clip_norm):
-  grads = _per_example_grads(loss_fn, params, batch)
+def _example_core_vmap(loss_fn, params, batch, valid, clip_norm, has_aux=False):
+  grads, aux = _per_example_grads(loss_fn, params, batch, has_aux), {}
+  if has_aux:
+    grads, aux = grads
+    aux = jax.tree.map(lambda a: jnp.sum(jnp.where(valid, a, 0)), aux)
   factors, ok, counts = _clip_factors(_sq_norms(grads), valid, True, clip_norm)
-  return _weighted_sum(factors, ok, grads), counts
+  return _weighted_sum(factors, ok, grads), counts, aux
 
 
-def _example_core_ghost(loss_fn, params, batch, valid, clip_norm):
+def _example_core_ghost(loss_fn, params, batch, valid, clip_norm, has_aux=False):
+  del has_aux  # refused by clipped_grad_sum
   terms = ghost.record(loss_fn, params, batch, valid)
   factors, _, counts = _clip_factors(terms.unit_sq_norms, valid,
                                      terms.example_finite, clip_norm)
-  return terms.weighted_grad(factors), counts
+  return terms.weighted_grad(factors), counts, {}
 
 
 def _microbatched(core, params, batch, extras: tuple, fills: tuple,
@@ -308,7 +318,8 @@ def clipped_grad_sum(
     num_groups: int | None = None,
     method: str = "vmap",
     microbatch_size: int | None = None,
-) -> tuple[PyTree, ClipStats]:
+    has_aux: bool = False,
+) -> tuple[PyTree, ClipStats] | tuple[PyTree, ClipStats, PyTree]:
   """Sum over privacy units of gradients clipped to L2 norm `clip_norm`.
 
   Each unit's gradient (over the whole params pytree) is multiplied by
@@ -336,9 +347,14 @@ def clipped_grad_sum(
       `lax.scan` to bound memory (same result). With `groups` and "vmap" a
       `[num_groups, *params]` accumulator is kept; not supported with
       `groups` and "ghost".
+    has_aux: the loss function returns `(losses [M], aux)`, aux a dict of `[M]`
+      per-example values (e.g. loss and correctness for metrics, from the same
+      forward pass); their sums over the real units are returned too. Only with
+      method="vmap" and no groups.
 
   Returns:
-    `(grad_sum, stats)`: the clipped sum (pytree like params) and ClipStats.
+    `(grad_sum, stats)`: the clipped sum (pytree like params) and ClipStats;
+    `(grad_sum, stats, aux_sums)` with `has_aux`.
 
   Raises:
     ValueError: for bad arguments, or layers "ghost" cannot handle.
@@ -358,6 +374,8 @@ def clipped_grad_sum(
       not isinstance(microbatch_size, int) or microbatch_size < 1):
     raise ValueError(f"microbatch_size={microbatch_size} must be an int >= 1")
   valid = mask.astype(bool)
+  if has_aux and (groups is not None or method != "vmap"):
+    raise ValueError("has_aux needs method='vmap' and no groups")
   if groups is not None:
     if not isinstance(num_groups, int) or num_groups < 1:
       raise ValueError(f"num_groups={num_groups} must be an int >= 1 "
@@ -373,6 +391,7 @@ def clipped_grad_sum(
     valid = valid & (groups >= 0) & (groups < num_groups)
   batch = _zero_invalid(batch, valid)
 
+  aux = {}
   if groups is not None:
     total, counts = _grouped(per_example_loss_fn, params, batch, valid,
                              groups, num_groups, clip_norm, method,
@@ -382,14 +401,14 @@ def clipped_grad_sum(
                     "ghost": _example_core_ghost}[method]
 
     def core(p, b, v):
-      return example_core(per_example_loss_fn, p, b, v, clip_norm)
+      return example_core(per_example_loss_fn, p, b, v, clip_norm, has_aux)
     if microbatch_size is None:
-      total, counts = core(params, batch, valid)
+      total, counts, aux = core(params, batch, valid)
     else:
-      total, counts = _microbatched(core, params, batch, (valid,), (False,),
-                                    microbatch_size)
+      total, counts, aux = _microbatched(core, params, batch, (valid,), (False,),
+                                         microbatch_size)
   finite = counts.num_units - counts.num_nonfinite
   stats = ClipStats(counts.num_units, counts.num_clipped, counts.num_nonfinite,
                     counts.norm_sum / jnp.maximum(finite, 1).astype(
                         jnp.float32))
-  return total, stats
+  return (total, stats, aux) if has_aux else (total, stats)

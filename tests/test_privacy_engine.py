@@ -107,14 +107,35 @@ def test_patient_slots_clip_the_same_patients_as_ids(patient_setup):
                            jnp.array([7, 7, 2, -1, 5, 5], jnp.int32), mask)
   hparams = {**setup.hparams, "noise_multiplier": jnp.float32(0.0),
              "clip_norm": jnp.float32(0.01), "expected_units": jnp.float32(3.0)}
-  grads = []
+  grads, metrics = [], []
   for patient_slots in (per, 0):
     grad_fn = privacy_plan.dp_sgd_gradient(setup.apply_fn, unit="patient", method="vmap",
                                            microbatch_size=0, patient_slots=patient_slots)
     grad, stats = jax.jit(grad_fn)(params, batch, jax.random.key(0), hparams)
     assert float(stats["num_units"]) == slots and float(stats["num_clipped"]) == slots
     grads.append(grad)
+    metrics.append((float(stats["loss_sum"]), float(stats["correct"])))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), *grads)
+  # Slots take the metrics from the gradient's forward pass; ids run a separate one.
+  np.testing.assert_allclose(metrics[0], metrics[1], rtol=1e-5)
+  assert metrics[0][0] > 0
+
+
+def test_example_metrics_from_the_gradient_pass_match_a_separate_forward(patient_setup):
+  setup = patient_setup
+  params = setup.init_params(jax.random.key(0))
+  rng = np.random.default_rng(2)
+  batch = client_lib.Batch(jnp.asarray(rng.normal(size=(6, 12, 12, 1)), jnp.float32),
+                           jnp.asarray(rng.integers(0, 3, 6), jnp.int32),
+                           jnp.arange(6, dtype=jnp.int32), jnp.arange(6) < 4)
+  hparams = {**setup.hparams, "expected_units": jnp.float32(3.0)}
+  stats = [jax.jit(privacy_plan.dp_sgd_gradient(
+      setup.apply_fn, unit="example", method=method, microbatch_size=micro))(
+          params, batch, jax.random.key(0), hparams)[1] for method, micro in
+           (("vmap", 0), ("vmap", 4), ("ghost", 0))]
+  for s in stats[:2]:  # vmap: from the gradient's forward pass (microbatched too)
+    for key in ("loss_sum", "correct"):
+      np.testing.assert_allclose(float(s[key]), float(stats[2][key]), rtol=1e-5)
 
 
 def test_empty_draw_adds_noise_and_divides_by_the_expected_units(patient_setup):
