@@ -67,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.server.beta2 = 0.99
   c.server.tau = 1e-3            # adaptive optimisers' epsilon
   c.server.weighting = "examples"  # examples | uniform
+  c.server.ema_decay = 0.0       # > 0: evaluate an exponential moving average of the
+                                 # global model over rounds (post-processing: no privacy cost)
 
   c.dp = ml_collections.ConfigDict()
   c.dp.level = "patient"         # none | example | patient | client

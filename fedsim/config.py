@@ -87,6 +87,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "server.optimizer", server.SERVER_OPTIMIZERS)
   _one_of(config, "server.weighting", server.WEIGHTINGS)
   _check(0.0 <= config.server.beta2 < 1.0, "server.beta2", config.server.beta2, "in [0, 1)")
+  _check(0.0 <= config.server.ema_decay < 1.0, "server.ema_decay", config.server.ema_decay,
+         "in [0, 1) (0: off)")
   _one_of(config, "engine.conv", CONV_CHOICES)
   _validate_dp(config)
 

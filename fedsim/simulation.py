@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from fedsim import (
@@ -112,6 +113,10 @@ class Setup:
         momentum=config.server.momentum, beta2=config.server.beta2,
         tau=config.server.tau)
     self.server_step = jax.jit(functools.partial(server.server_update, self.server_opt))
+    # The evaluated model: the global params, or their debiased EMA over rounds.
+    self.average = (optax.ema(config.server.ema_decay, debias=True)
+                    if config.server.ema_decay > 0 else None)
+    self.average_step = self.average and jax.jit(self.average.update)
     self.predict = evaluation.make_predict_fn(self.apply_fn, mean=fed.mean, std=fed.std)
     self.hparams = hyperparameters(config)
     self.put = (sharding.client_put(sharding.client_mesh()) if self.strategy.devices > 1
@@ -188,9 +193,10 @@ def resume_round(workdir: str, config) -> int:
   return checkpoint.latest_step(_checkpoint_dir(workdir)) or 0
 
 
-def _server_state(params, opt_state, hparams) -> dict:
+def _server_state(params, opt_state, hparams, average_state) -> dict:
   """What a checkpoint holds: enough to continue bit for bit (keys come from the round)."""
-  return {"params": params, "opt_state": opt_state, "clip_norm": hparams["clip_norm"]}
+  return {"params": params, "opt_state": opt_state, "clip_norm": hparams["clip_norm"],
+          "average": average_state}
 
 
 def _restore(setup: Setup, workdir: str, step: int, state: dict, writer, hparams):
@@ -206,7 +212,8 @@ def _restore(setup: Setup, workdir: str, step: int, state: dict, writer, hparams
       ledger.record_round(mask)
       if any(row["round"] == r for row in writer.history):
         ledger.snapshot(r)
-  return state["params"], state["opt_state"], {**hparams, "clip_norm": state["clip_norm"]}
+  return (state["params"], state["opt_state"], {**hparams, "clip_norm": state["clip_norm"]},
+          state["average"])
 
 
 def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
@@ -226,10 +233,12 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
   opt_state = setup.server_opt.init(params)
   ledger = setup.plan.ledger
   hparams = dict(setup.hparams)  # adaptive clipping moves clip_norm (same shapes: no recompile)
+  average_state = setup.average.init(params) if setup.average else {}
   if first_round > 1:
-    params, opt_state, hparams = _restore(setup, workdir, first_round - 1,
-                                          _server_state(params, opt_state, hparams),
-                                          writer, hparams)
+    params, opt_state, hparams, average_state = _restore(
+        setup, workdir, first_round - 1,
+        _server_state(params, opt_state, hparams, average_state), writer, hparams)
+  evaluated = params
   start = time.perf_counter()
   scalars, report, stopped_early, rounds_done = {}, {}, None, first_round - 1
   bar = tqdm(range(first_round, config.num_rounds + 1), desc="rounds",
@@ -256,11 +265,14 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
           result, jax.random.fold_in(round_key, COUNT_NOISE), hparams)
     if mean_delta is not None:
       params, opt_state = setup.server_step(params, opt_state, mean_delta)
+    evaluated = params
+    if setup.average:
+      evaluated, average_state = setup.average_step(params, average_state)
     if ledger is not None:
       ledger.record_round(participating)
     rounds_done = r
     if r % config.eval_every == 0 or r == config.num_rounds:
-      scalars, report = evaluate(setup, params)
+      scalars, report = evaluate(setup, evaluated)
       train = {k: float(v) for k, v in result.metrics.items()}
       scalars.update(
           train_loss=train["loss_sum"] / max(train["examples"], 1.0),
@@ -277,11 +289,13 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
                       **({} if ledger is None else {"eps": f"{scalars['epsilon']:.2f}"}))
     if config.checkpoint_every and r % config.checkpoint_every == 0 and r < config.num_rounds:
       from fedsim import checkpoint  # pylint: disable=import-outside-toplevel
-      checkpoint.save(_checkpoint_dir(workdir), r, _server_state(params, opt_state, hparams))
+      checkpoint.save(_checkpoint_dir(workdir), r,
+                      _server_state(params, opt_state, hparams, average_state))
   bar.close()
   if rounds_done and not scalars:  # stopped before the first evaluation
-    scalars, report = evaluate(setup, params)
-  return _finish(config, setup, workdir, writer, _server_state(params, opt_state, hparams),
+    scalars, report = evaluate(setup, evaluated)
+  state = _server_state(params, opt_state, hparams, average_state)
+  return _finish(config, setup, workdir, writer, state,
                  scalars, report, rounds_done, stopped_early, time.perf_counter() - start)
 
 

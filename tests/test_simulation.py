@@ -70,6 +70,7 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch):
   config = tiny_config()
   config.dp.level = "patient"
   config.num_rounds, config.checkpoint_every, config.eval_every = 4, 2, 1
+  config.server.ema_decay = 0.5  # the averaged model is part of the state
   straight, resumed = os.fspath(tmp_path / "straight"), os.fspath(tmp_path / "resumed")
   simulation.run(config, straight, progress=False)
 
