@@ -58,3 +58,10 @@ def cohort_for_round(config, round_index: int) -> np.ndarray:
   if config.client_sampling_rate > 0:
     return poisson_cohort(rng, config.num_clients, config.client_sampling_rate)
   return fixed_cohort(rng, config.num_clients, config.clients_per_round)
+
+
+def participation_mask(config, round_index: int) -> np.ndarray:
+  """`[num_clients]` bool: who is in round `round_index`'s cohort (for the ledger)."""
+  mask = np.zeros(config.num_clients, bool)
+  mask[cohort_for_round(config, round_index)] = True
+  return mask

@@ -205,13 +205,11 @@ def _restore(setup: Setup, workdir: str, step: int, state: dict, writer, hparams
   state = checkpoint.restore(_checkpoint_dir(workdir), jax.eval_shape(lambda: state), step)
   writer.truncate(step)
   ledger = setup.plan.ledger
-  for r in range(1, step + 1):  # cohorts depend only on (seed, round): replay them
-    if ledger is not None:
-      mask = np.zeros(setup.config.num_clients, bool)
-      mask[sampling.cohort_for_round(setup.config, r)] = True
-      ledger.record_round(mask)
-      if any(row["round"] == r for row in writer.history):
-        ledger.snapshot(r)
+  evaluated_rounds = {row["round"] for row in writer.history}
+  for r in range(1, step + 1) if ledger is not None else ():
+    ledger.record_round(sampling.participation_mask(setup.config, r))  # from (seed, round)
+    if r in evaluated_rounds:
+      ledger.snapshot(r)
   return (state["params"], state["opt_state"], {**hparams, "clip_norm": state["clip_norm"]},
           state["average"])
 
@@ -246,8 +244,7 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
              total=config.num_rounds)
   for r in bar:
     cohort = sampling.cohort_for_round(config, r)
-    participating = np.zeros(config.num_clients, bool)
-    participating[cohort] = True
+    participating = sampling.participation_mask(config, r)
     if ledger is not None and config.dp.target_epsilon > 0 and ledger.would_exceed(
         config.dp.target_epsilon, participating):
       stopped_early = f"dp.target_epsilon={config.dp.target_epsilon} would be exceeded in round {r}"
