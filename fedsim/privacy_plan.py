@@ -98,7 +98,9 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
 
   `patient_slots > 0`: the batch holds patients in slots of that many images
   (the truncated patient sampler's layout), so each patient is one lane of
-  `vmap(grad)`; otherwise patients are found by id anywhere in the batch.
+  `vmap(grad)` whatever `method` says (ghost clipping over the slot groups
+  measured slower: 7.7 vs 6.5 s a default round on a 2-core CPU); otherwise
+  patients are found by id anywhere in the batch.
   """
 
   def per_example_loss(params, batch):
