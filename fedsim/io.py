@@ -90,25 +90,36 @@ class MetricWriter:
 
 
 def plot_curves(history: list[dict], path: str) -> None:
-  """loss / accuracy (and epsilon, when present) over rounds, as a PNG."""
+  """loss / accuracy / AUROC over rounds as a PNG; for DP runs also epsilon over rounds
+  and the privacy-utility path (accuracy and AUROC against the epsilon spent)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  value = lambda row, key: np.nan if row.get(key) is None else row[key]
+  private = any(row.get("epsilon") is not None for row in history)
   panels = [("loss", "test loss"), ("accuracy", "test accuracy"), ("auroc", "macro AUROC")]
-  if any(row.get("epsilon") is not None for row in history):
-    panels.append(("epsilon", "epsilon (max over hospitals)"))
+  if private:
+    panels += [("epsilon", "epsilon (max over hospitals)"), (None, "privacy-utility")]
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
   rounds = [row["round"] for row in history]
   for ax, (key, title) in zip(np.atleast_1d(axes), panels):
-    values = [np.nan if row.get(key) is None else row[key] for row in history]
-    ax.plot(rounds, values, marker="o", ms=3)
-    if key == "accuracy" and "unseen_accuracy" in history[0]:
-      ax.plot(rounds, [np.nan if r.get("unseen_accuracy") is None else r["unseen_accuracy"]
-                       for r in history], marker="s", ms=3, label="unseen hospitals")
+    if key is None:  # utility against the epsilon spent so far
+      eps = [value(row, "epsilon") for row in history]
+      for metric, marker in (("accuracy", "o"), ("auroc", "s")):
+        ax.plot(eps, [value(row, metric) for row in history], marker=marker, ms=3,
+                label=metric)
+      ax.set_xlabel("epsilon")
       ax.legend(fontsize=8)
+    else:
+      ax.plot(rounds, [value(row, key) for row in history], marker="o", ms=3,
+              label="seen hospitals")
+      if key == "accuracy" and "unseen_accuracy" in history[0]:
+        ax.plot(rounds, [value(row, "unseen_accuracy") for row in history], marker="s",
+                ms=3, label="unseen hospitals")
+        ax.legend(fontsize=8)
+      ax.set_xlabel("round")
     ax.set_title(title)
-    ax.set_xlabel("round")
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
