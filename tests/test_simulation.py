@@ -104,3 +104,17 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch):
     assert a == b
   privacy = [json.load(open(os.path.join(d, "privacy.json"))) for d in (resumed, straight)]
   assert privacy[0] == privacy[1]
+
+
+def test_ema_changes_what_is_evaluated_not_what_is_trained(tmp_path):
+  config = tiny_config()
+  config.num_rounds, config.eval_every = 3, 3
+  plain, averaged = os.fspath(tmp_path / "plain"), os.fspath(tmp_path / "ema")
+  simulation.run(config, plain, progress=False)
+  config.server.ema_decay = 0.5
+  simulation.run(config, averaged, progress=False)
+  states = [_final_state(d) for d in (plain, averaged)]
+  jax.tree.map(np.testing.assert_array_equal, states[0]["params"], states[1]["params"])
+  losses = [json.loads(open(os.path.join(d, "metrics.jsonl")).readline())["loss"]
+            for d in (plain, averaged)]
+  assert losses[0] != losses[1]  # evaluated: the average, not the last params
