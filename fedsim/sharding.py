@@ -1,9 +1,9 @@
 """The client axis laid out over devices (`jax.sharding.Mesh`).
 
 With several devices, each block of clients is placed with its leading (client)
-axis split over a 1-D mesh named "clients"; params stay replicated. The jitted
-block program is then partitioned by XLA (GSPMD): every device trains its share of
-the block and the weighted sums are reduced across devices. Test on a CPU with
+axis split over a 1-D mesh named "clients"; params stay replicated. The block
+program runs under `jax.shard_map` (fedsim/rounds.py): every device trains its
+share of the block and the weighted sums are `psum`-ed across devices. Test on a CPU with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
 """
 

@@ -84,16 +84,6 @@ class Setup:
     self.strategy = strategy.resolve(
         config.engine, cohort_size=block_size, num_steps=schedule.num_steps,
         devices=None if config.engine.shard_clients else 1)
-    if self.strategy.devices > 1 and config.dp.level in ("example", "patient"):
-      # Per-example gradients of lax.conv under a client vmap split over devices
-      # differ from the unsharded ones on XLA:CPU; patches + einsum match. So
-      # sharded DP-SGD lowers convolutions as patches, or (engine.conv="xla"
-      # asked for explicitly) runs on one device.
-      if config.engine.conv == "xla":
-        self.strategy = strategy.resolve(config.engine, cohort_size=block_size,
-                                         num_steps=schedule.num_steps, devices=1)
-      else:
-        self.strategy = dataclasses.replace(self.strategy, conv="patches")
     self.schedule = local_schedule(config, fed, self.strategy.unroll)
     self.model = models.make_model(config.model, num_classes=fed.num_classes,
                                    conv=self.strategy.conv)
@@ -105,9 +95,10 @@ class Setup:
         self.apply_fn, self.plan.grad_fn, schedule=self.schedule,
         optimizer=config.client.optimizer, mean=fed.mean, std=fed.std,
         sampler=self.plan.sampler, augment_fn=augmentation(config.data))
+    mesh = sharding.client_mesh() if self.strategy.devices > 1 else None
     self.block_fn = rounds.make_block_fn(
         client_update, weighting=self.plan.weighting, chunk=self.strategy.chunk,
-        delta_transform=self.plan.delta_transform)
+        delta_transform=self.plan.delta_transform, mesh=mesh)
     self.server_opt = server.server_optimizer(
         config.server.optimizer, learning_rate=config.server.learning_rate,
         momentum=config.server.momentum, beta2=config.server.beta2,
@@ -119,8 +110,7 @@ class Setup:
     self.average_step = self.average and jax.jit(self.average.update)
     self.predict = evaluation.make_predict_fn(self.apply_fn, mean=fed.mean, std=fed.std)
     self.hparams = hyperparameters(config)
-    self.put = (sharding.client_put(sharding.client_mesh()) if self.strategy.devices > 1
-                else jax.device_put)
+    self.put = sharding.client_put(mesh) if mesh is not None else jax.device_put
 
   def init_params(self, key):
     x = jnp.zeros((1,) + self.fed.image_shape, jnp.float32)

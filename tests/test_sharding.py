@@ -22,7 +22,6 @@ SCRIPT = textwrap.dedent("""
     sharded = simulation.prepare(config)
     config.engine.shard_clients = False
     config.engine.client_chunk = config.engine.client_block = 8
-    config.engine.conv = sharded.strategy.conv  # DP-SGD shards with conv="patches"
     plain = simulation.Setup(config, sharded.fed)
     assert sharded.strategy.devices == 8 and sharded.strategy.block == 8
     assert plain.strategy.devices == 1
@@ -38,10 +37,7 @@ SCRIPT = textwrap.dedent("""
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-5),
                  a.delta_sum, b.delta_sum)
     np.testing.assert_allclose(a.metrics["examples"], b.metrics["examples"])
-    if DP_LEVEL in ("example", "patient"):
-      assert sharded.strategy.conv == "patches"
-      config.engine.shard_clients, config.engine.conv = True, "xla"  # asked for: one device
-      assert simulation.Setup(config, sharded.fed).strategy.devices == 1
+    assert sharded.strategy.conv == plain.strategy.conv == "xla"  # native convolutions
     print("SHARDED_OK")
 """)
 
