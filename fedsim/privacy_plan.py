@@ -298,6 +298,7 @@ def ledger_preview(config):
   fed = make_federated_data(config)
   plan = make_plan(config, fed, apply_fn=None)
   for r in range(1, config.num_rounds + 1):
-    plan.ledger.record_round(sampling.participation_mask(config, r))
+    plan.ledger.record_round(sampling.participation_mask(
+        config.num_clients, sampling.cohort_for_round(config, r)))
   plan.ledger.snapshot(config.num_rounds)
   return plan.ledger

@@ -60,8 +60,8 @@ def cohort_for_round(config, round_index: int) -> np.ndarray:
   return fixed_cohort(rng, config.num_clients, config.clients_per_round)
 
 
-def participation_mask(config, round_index: int) -> np.ndarray:
-  """`[num_clients]` bool: who is in round `round_index`'s cohort (for the ledger)."""
-  mask = np.zeros(config.num_clients, bool)
-  mask[cohort_for_round(config, round_index)] = True
+def participation_mask(num_clients: int, cohort: np.ndarray) -> np.ndarray:
+  """`[num_clients]` bool: who is in `cohort` (for the ledger)."""
+  mask = np.zeros(num_clients, bool)
+  mask[cohort] = True
   return mask

@@ -197,7 +197,8 @@ def _restore(setup: Setup, workdir: str, step: int, state: dict, writer, hparams
   ledger = setup.plan.ledger
   evaluated_rounds = {row["round"] for row in writer.history}
   for r in range(1, step + 1) if ledger is not None else ():
-    ledger.record_round(sampling.participation_mask(setup.config, r))  # from (seed, round)
+    ledger.record_round(sampling.participation_mask(  # cohorts come from (seed, round)
+        setup.config.num_clients, sampling.cohort_for_round(setup.config, r)))
     if r in evaluated_rounds:
       ledger.snapshot(r)
   return (state["params"], state["opt_state"], {**hparams, "clip_norm": state["clip_norm"]},
@@ -234,7 +235,7 @@ def train(setup: Setup, workdir: str, *, progress: bool = True) -> dict:
              total=config.num_rounds)
   for r in bar:
     cohort = sampling.cohort_for_round(config, r)
-    participating = sampling.participation_mask(config, r)
+    participating = sampling.participation_mask(config.num_clients, cohort)
     if ledger is not None and config.dp.target_epsilon > 0 and ledger.would_exceed(
         config.dp.target_epsilon, participating):
       stopped_early = f"dp.target_epsilon={config.dp.target_epsilon} would be exceeded in round {r}"

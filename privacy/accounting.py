@@ -417,12 +417,18 @@ def _json_float(x: float) -> float | str:
 # ---------------------------------------------------------- vectorised RDP (ledger fast path)
 
 
-def _poisson_gaussian_params(event: DpEvent) -> tuple[float, float, int] | None:
-  """(q, sigma, count) when `event` is SelfComposed^k(PoissonSampled(q, Gaussian(sigma)))."""
+def _unwrap_self_composed(event: DpEvent) -> tuple[DpEvent, int]:
+  """(inner event, total count) of SelfComposed^k(... SelfComposed(inner))."""
   count = 1
   while isinstance(event, dpe.SelfComposedDpEvent):
     count *= event.count
     event = event.event
+  return event, count
+
+
+def _poisson_gaussian_params(event: DpEvent) -> tuple[float, float, int] | None:
+  """(q, sigma, count) when `event` is SelfComposed^k(PoissonSampled(q, Gaussian(sigma)))."""
+  event, count = _unwrap_self_composed(event)
   if isinstance(event, dpe.PoissonSampledDpEvent) and isinstance(event.event, dpe.GaussianDpEvent):
     return float(event.sampling_probability), float(event.event.noise_multiplier), count
   return None
@@ -537,14 +543,11 @@ def _truncated_gaussian_pld(
 
 def _step_pld(event: DpEvent, discretization: float):
   """(cached one-step PLD, steps) for SelfComposed^k of one noisy step, else (None, 0)."""
-  steps = 1
-  while isinstance(event, dpe.SelfComposedDpEvent):
-    steps *= event.count
-    event = event.event
-  if (isinstance(event, dpe.PoissonSampledDpEvent)
-      and isinstance(event.event, dpe.GaussianDpEvent) and event.event.noise_multiplier > 0):
-    return _poisson_gaussian_pld(float(event.sampling_probability),
-                                 float(event.event.noise_multiplier), discretization), steps
+  poisson = _poisson_gaussian_params(event)
+  if poisson is not None:
+    q, sigma, steps = poisson
+    return (_poisson_gaussian_pld(q, sigma, discretization), steps) if sigma > 0 else (None, 0)
+  event, steps = _unwrap_self_composed(event)
   if isinstance(event, dpe.TruncatedSubsampledGaussianDpEvent) and event.noise_multiplier > 0:
     return _truncated_gaussian_pld(
         int(event.dataset_size), float(event.sampling_probability),
