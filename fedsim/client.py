@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedsim import keys
+from privacy.sampling import PoissonSampler, index_uniform, poisson_rate
+
 PyTree = Any
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -134,16 +137,6 @@ def client_optimizer(name: str, hparams: dict) -> optax.GradientTransformation:
   raise ValueError(f"client.optimizer={name!r} must be one of {CLIENT_OPTIMIZERS}")
 
 
-def index_uniform(key: jax.Array, n: int) -> jax.Array:
-  """`[n]` uniforms where entry i depends only on (key, i), not on n.
-
-  Padding a client with more examples therefore leaves the draws of its real
-  examples, and so its batches, unchanged (invariant 2).
-  """
-  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(
-      jnp.arange(n))
-
-
 def epoch_batches(key: jax.Array, count: jax.Array,
                   schedule: LocalSchedule) -> tuple[jax.Array, jax.Array]:
   """Shuffled batches for every local step: indices `[S, B]`, active flags `[S]`.
@@ -180,70 +173,6 @@ def active_steps(count, schedule: LocalSchedule):
   if schedule.steps > 0:
     return count * 0 + schedule.steps
   return schedule.epochs * (-(-count // schedule.batch_size))
-
-
-def poisson_rate(count, batch_size: int):
-  """Per-step Poisson rate `min(1, batch_size / count)` of a hospital (np or jax).
-
-  The expected batch is `batch_size` examples; the accountant uses this function
-  too, so the rate that runs is the rate that is accounted.
-  """
-  return batch_size / (count * 1.0 + (count == 0)).clip(batch_size, None)
-
-
-@dataclasses.dataclass(frozen=True)
-class PoissonSampler:
-  """Poisson sampling of privacy units at each local step (DP-SGD).
-
-  Each unit (an example, or a patient with all its images) is in a step's batch
-  independently with rate `poisson_rate(count, batch_size)`. With `max_units == 0`
-  the batch is a mask over the whole local set (exact Poisson). With
-  `max_units > 0` at most that many units are kept, a uniformly random subset of
-  the sampled ones, always whole patients (truncated Poisson, accounted by
-  `TruncatedSubsampledGaussianDpEvent` over units, and counted). Patients then
-  come in slots: the gather is `[max_units * unit_images]`, patient r's images
-  at `r * unit_images + j` (`unit_images`: the most images any patient has), so
-  a patient's gradient is one `vmap` lane (see `privacy_plan.dp_sgd_gradient`).
-  """
-
-  unit: str = "example"  # "example" | "patient"
-  max_units: int = 0     # 0: exact, the whole local set
-  unit_images: int = 1   # most images of one unit (1 for examples)
-
-  def expected_units(self, data: "ClientData", rate: jax.Array) -> jax.Array:
-    """Public expected units per step, the DP-SGD divisor (>= 1; padded clients)."""
-    units = data.count if self.unit == "example" else data.num_patients
-    return jnp.maximum(rate * units, 1.0)
-
-  def draw(self, key, data: "ClientData", real: jax.Array, rate: jax.Array):
-    """`(index [M], mask [M], truncated [])` for one local step."""
-    n = real.shape[0]
-    u_key, order_key = jax.random.split(key)
-    u, v = index_uniform(u_key, n), index_uniform(order_key, n)
-    unit = data.patients if self.unit == "patient" else jnp.arange(n)
-    if self.unit == "patient":  # one draw per patient slot, shared by its images
-      slot = jnp.clip(data.patients, 0, n - 1)
-      u, v = u[slot], v[slot]
-    selected = (u < rate) & real
-    if not self.max_units:
-      return jnp.arange(n), selected, jnp.bool_(False)
-    # Sampled units first, in a random order; a unit's images stay adjacent.
-    order = jnp.lexsort((unit, jnp.where(selected, v, 2.0 + v)))
-    chosen, ids = selected[order], unit[order]
-    boundary = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
-    rank = jnp.cumsum(boundary & chosen) - 1
-    keep = chosen & (rank < self.max_units)
-    truncated = jnp.sum(boundary & chosen) > self.max_units
-    if self.unit == "example":
-      return order[:self.max_units], keep[:self.max_units], truncated
-    # Patient slots: kept patient r's j-th image goes to slot r * unit_images + j.
-    position = jnp.arange(n)
-    start = jax.lax.cummax(jnp.where(boundary, position, 0))
-    size = self.max_units * self.unit_images
-    slot = jnp.where(keep, rank * self.unit_images + position - start, size)
-    index = jnp.zeros(size, order.dtype).at[slot].set(order, mode="drop")
-    mask = jnp.zeros(size, bool).at[slot].set(True, mode="drop")
-    return index, mask, truncated
 
 
 def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
@@ -291,12 +220,13 @@ def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
       if sampler is None:
         mask = real[index]
       else:
-        index, mask, truncated = sampler.draw(draw_key, data, real, rate)
-        step_hparams = {**hparams, "expected_units": sampler.expected_units(data, rate)}
+        index, mask, truncated = sampler.draw(draw_key, data.patients, real, rate)
+        step_hparams = {**hparams, "expected_units": sampler.expected_units(
+            data.count, data.num_patients, rate)}
         extra["truncated_steps"] = (truncated & is_active).astype(jnp.float32)
       x = normalize(data.images[index], mean, std)
       if augment_fn is not None:
-        x = augment_fn(jax.random.fold_in(k, 2), x, mask & is_active)
+        x = augment_fn(jax.random.fold_in(k, keys.AUGMENT), x, mask & is_active)
       batch = Batch(x, data.labels[index], data.patients[index], mask & is_active)
       grad, stats = grad_fn(params, batch, grad_key, step_hparams)
       prox = jax.tree.map(lambda p, g: hparams["prox_mu"] * (p - g), params,

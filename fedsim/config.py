@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from fedsim import models, partition, server
+from fedsim import aggregation, models, partition, server
 from fedsim.client import CLIENT_OPTIMIZERS
+from privacy import adaptive_clipping
 
 DATA_SOURCES = ("synthetic", "medmnist", "image_folder", "tfds")
 DP_LEVELS = ("none", "example", "patient", "client")
@@ -85,7 +86,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "> 0 with data.val_fraction >= 0 and their sum < 1")
   _one_of(config, "client.optimizer", CLIENT_OPTIMIZERS)
   _one_of(config, "server.optimizer", server.SERVER_OPTIMIZERS)
-  _one_of(config, "server.weighting", server.WEIGHTINGS)
+  _one_of(config, "server.weighting", aggregation.WEIGHTINGS)
   _check(0.0 <= config.server.beta2 < 1.0, "server.beta2", config.server.beta2, "in [0, 1)")
   _check(0.0 <= config.server.ema_decay < 1.0, "server.ema_decay", config.server.ema_decay,
          "in [0, 1) (0: off)")
@@ -121,5 +122,18 @@ def _validate_adaptive_clip(config) -> None:
   _check(dp.level == "client", "dp.adaptive_clip", True,
          f"False with dp.level={dp.level!r} (adaptive clipping is for dp.level='client')")
   if config.client_sampling_rate > 0:  # 0 is refused by the client-level plan
-    from fedsim import privacy_plan  # pylint: disable=import-outside-toplevel
-    privacy_plan.adaptive_clip_count_stddev(config)
+    adaptive_clip_count_stddev(config)
+
+
+def adaptive_clip_count_stddev(config) -> float:
+  """sigma_b of `dp.adaptive_clip` (default E / 20); ValueError if 2 sigma_b <= z."""
+  expected = config.client_sampling_rate * config.num_clients
+  stddev = (config.dp.clipped_count_stddev
+            or adaptive_clipping.default_count_stddev(expected))
+  z = config.dp.noise_multiplier
+  if z > 0 and not 2 * stddev > z:
+    raise ValueError(
+        f"dp.clipped_count_stddev={config.dp.clipped_count_stddev} (sigma_b={stddev:g}) "
+        f"must be > dp.noise_multiplier / 2 = {z / 2:g} for dp.adaptive_clip=True "
+        "(set it explicitly, or raise client_sampling_rate * num_clients)")
+  return stddev

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-COHORT_SAMPLERS = ("fixed", "poisson")
-COHORT = 2  # purpose id of the cohort stream
+from fedsim import keys
 
 
-def round_rng(seed: int, round_index: int, purpose: int = 0) -> np.random.Generator:
+
+def round_rng(seed: int, round_index: int, purpose: int) -> np.random.Generator:
   """A generator for one (seed, round, purpose), independent of every other."""
   return np.random.default_rng([seed, round_index, purpose])
 
@@ -54,7 +54,7 @@ def cohort_for_round(config, round_index: int) -> np.ndarray:
   Poisson with `config.client_sampling_rate` when it is > 0, else a fixed-size
   cohort of `config.clients_per_round`.
   """
-  rng = round_rng(config.seed, round_index, COHORT)
+  rng = round_rng(config.seed, round_index, keys.COHORT)
   if config.client_sampling_rate > 0:
     return poisson_cohort(rng, config.num_clients, config.client_sampling_rate)
   return fixed_cohort(rng, config.num_clients, config.clients_per_round)
@@ -65,3 +65,8 @@ def participation_mask(num_clients: int, cohort: np.ndarray) -> np.ndarray:
   mask = np.zeros(num_clients, bool)
   mask[cohort] = True
   return mask
+
+
+def participation(config, round_index: int) -> np.ndarray:
+  """`[num_clients]` bool: the hospitals round `round_index` of a run charges."""
+  return participation_mask(config.num_clients, cohort_for_round(config, round_index))

@@ -2,7 +2,7 @@
 
 With several devices, each block of clients is placed with its leading (client)
 axis split over a 1-D mesh named "clients"; params stay replicated. The block
-program runs under `jax.shard_map` (fedsim/rounds.py): every device trains its
+program runs under `jax.shard_map` (fedsim/blocks.py): every device trains its
 share of the block and the weighted sums are `psum`-ed across devices. Test on a CPU with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
 """

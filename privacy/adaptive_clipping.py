@@ -33,15 +33,22 @@ def default_count_stddev(expected_cohort: float) -> float:
   return expected_cohort / 20.0
 
 
-def delta_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+def delta_noise_multiplier(noise_multiplier, count_stddev: float):
   """The delta's noise multiplier z_delta that keeps the round's total at z.
 
   `z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)` (0 when z = 0: no privacy to split).
+  A Python float is checked and computed in float64; a traced `jax.Array` z (a
+  hyperparameter inside the compiled round) in its own dtype, unchecked (the
+  config was validated with the float).
 
   Raises:
     ValueError: if z < 0, sigma_b < 0, or 2 sigma_b <= z (the count alone would
       spend more than the whole budget, z_delta undefined).
   """
+  split = lambda z, sqrt: 1.0 / sqrt(z ** -2 - (2 * count_stddev) ** -2)
+  if isinstance(noise_multiplier, jax.Array):
+    z = noise_multiplier
+    return jnp.where(z > 0, split(jnp.where(z > 0, z, 1.0), jnp.sqrt), 0.0)
   z, sb = float(noise_multiplier), float(count_stddev)
   if z < 0 or sb < 0:
     raise ValueError(f"noise_multiplier={z} and count_stddev={sb} must be >= 0")
@@ -50,7 +57,7 @@ def delta_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
   if not 2 * sb > z:
     raise ValueError(f"count_stddev={sb} must be > noise_multiplier / 2 = {z / 2:g} "
                      "(2 * count_stddev <= noise_multiplier leaves no noise for the delta)")
-  return 1.0 / math.sqrt(z ** -2 - (2 * sb) ** -2)
+  return split(z, math.sqrt)
 
 
 def total_noise_multiplier(delta_multiplier: float, count_stddev: float) -> float:

@@ -1,24 +1,26 @@
-"""One federated round as compiled blocks of vmapped client chunks.
+"""The compiled program of a round: blocks of clients, scanned in chunks, vmapped.
 
 A round's cohort is cut into fixed-size blocks (the last one masked); each block
 is one call of the same jitted program, which scans over chunks of the block and
-vmaps `client_update` over the clients of a chunk, keeping only the weighted sum
-of deltas and the sum of metrics. The host adds the block sums and the server
-steps once. Shapes never depend on the
-cohort drawn, so a run compiles the chunk program once, whatever the cohort size
-(fixed or Poisson) and however many rounds it runs.
+vmaps the client stages over the clients of a chunk, keeping only the sums:
+
+  client_update -> transform (per client: DP clipping; secure-aggregation encoding)
+  -> aggregate (weighted sum over the chunk; fedsim/aggregation.py)
+
+Shapes never depend on the cohort drawn, so a run compiles the block program
+once, whatever the cohort size (fixed or Poisson) and however many rounds it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedsim import sampling, server
+from fedsim import aggregation, sampling
 from fedsim.client import ClientData
 from fedsim.data.base import ClientArrays
 from fedsim.sharding import AXIS
@@ -26,12 +28,20 @@ from fedsim.sharding import AXIS
 PyTree = Any
 
 
-class ChunkResult(NamedTuple):
-  """Sums over one chunk's real clients."""
+class RoundSums(NamedTuple):
+  """Sums over a round's (or a chunk's) real clients."""
 
-  delta_sum: PyTree     # sum_k w_k * transform(delta_k)
+  delta_sum: PyTree      # aggregate of the transformed deltas
   weight_sum: jax.Array  # sum_k w_k
-  metrics: dict         # per-client metric sums, summed over clients
+  metrics: dict          # per-client metric sums, summed over clients (+ "clients")
+
+
+class Block(NamedTuple):
+  """One block of a cohort, gathered from host memory: `[b, ...]` leaves."""
+
+  data: ClientData
+  valid: np.ndarray  # bool [b]: real clients (padded ones have count 0)
+  ids: np.ndarray    # int [b]: hospital ids (0 on padding)
 
 
 def client_data(arrays: ClientArrays) -> ClientData:
@@ -40,29 +50,51 @@ def client_data(arrays: ClientArrays) -> ClientData:
                     arrays.num_patients)
 
 
+def gather(train: ClientArrays, cohort: np.ndarray, block: int) -> Iterator[Block]:
+  """The cohort's clients, `block` at a time (only they leave host memory).
+
+  The last block is padded with invalid clients of count 0; an empty (Poisson)
+  cohort gives one all-padding block, so the round still has a sum (of zeros).
+  """
+  blocks = sampling.chunk_ids(cohort, block) or [(np.zeros(block, np.int64),
+                                                  np.zeros(block, bool))]
+  for ids, valid in blocks:
+    arrays = train.take(ids)
+    arrays = dataclasses.replace(arrays, counts=np.where(valid, arrays.counts, 0))
+    yield Block(client_data(arrays), valid, ids)
+
+
+@jax.jit
+def client_keys(round_key: jax.Array, ids: jax.Array) -> jax.Array:
+  """Per-client keys `fold_in(round_key, client_id)`: independent across clients."""
+  return jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids)
+
+
 def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
-                  delta_transform: Optional[Callable] = None,
+                  transform: Optional[Callable] = None,
+                  aggregate: Callable = aggregation.aggregate,
                   mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
-  """Builds `block_fn(params, data, valid, keys, hparams, total=None) -> ChunkResult`.
+  """Builds `block_fn(params, data, valid, keys, hparams, total=None) -> RoundSums`.
 
   A block is `b` clients (a multiple of `chunk`): one jitted call that scans over
-  the block's chunks in-graph and vmaps `client_update` over the `chunk` clients
-  of each, carrying only the running sums (memory is one chunk's, whatever `b`).
-  `chunk=1` runs clients one at a time in-graph; `chunk=b` vmaps the whole block.
+  the block's chunks in-graph and vmaps the client stages over the `chunk`
+  clients of each, carrying only the running sums (memory is one chunk's,
+  whatever `b`). `chunk=1` runs clients one at a time in-graph; `chunk=b` vmaps
+  the whole block.
 
   Args:
     client_update: `(params, ClientData, key, hparams) -> (delta, metrics)`.
-    weighting: aggregation weighting, see `server.WEIGHTINGS`.
+    weighting: aggregation weighting, see `aggregation.WEIGHTINGS`.
     chunk: clients vmapped at once.
-    delta_transform: optional `(delta, hparams) -> (delta, stats)` applied to
-      each client's delta before the sum (client-level DP clips here); its
-      stats are summed with the metrics.
+    transform: optional per-client `(delta, hparams) -> (delta, stats)` before
+      aggregation (client-level DP clips here); its stats join the metrics.
+    aggregate: `(deltas [chunk, ...], weights [chunk]) -> chunk sum`; chunk sums
+      add up over the block and the round.
     mesh: a 1-D `sharding.AXIS` mesh to split the block's clients over
       (`jax.shard_map`: each device runs `chunk / devices` clients, the sums
       are `psum`-ed). Manual partitioning, not GSPMD: XLA's automatic
       partitioning zeroed per-example convolution weight gradients of all but
-      one device (jax 0.10.2, XLA:CPU; a vmap over clients of vmap(grad) of
-      lax.conv).
+      one device (jax 0.10.2, XLA:CPU; docs/spmd_per_example_conv_repro.py).
 
   `data` is a `ClientData` with a leading block axis `[b, ...]`, `valid` bool
   `[b]` marks real clients (padded ones contribute exactly zero), `keys` `[b]`.
@@ -72,23 +104,22 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
 
   def one_client(params, data, key, hparams):
     delta, metrics = client_update(params, data, key, hparams)
-    if delta_transform is not None:
-      delta, stats = delta_transform(delta, hparams)
+    if transform is not None:
+      delta, stats = transform(delta, hparams)
       metrics = {**metrics, **stats}
     return delta, metrics
 
-  def chunk_sums(params, data, valid, keys, hparams) -> ChunkResult:
+  def chunk_sums(params, data, valid, keys, hparams) -> RoundSums:
     deltas, metrics = jax.vmap(one_client, in_axes=(None, 0, 0, None))(
         params, data, keys, hparams)
-    weights = server.client_weights(data.count, valid, weighting)
+    weights = aggregation.client_weights(data.count, valid, weighting)
     metrics = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in metrics.items()}
     metrics["clients"] = jnp.sum(valid.astype(jnp.float32))
-    return ChunkResult(server.weighted_sum(deltas, weights), jnp.sum(weights),
-                       metrics)
+    return RoundSums(aggregate(deltas, weights), jnp.sum(weights), metrics)
 
   local_chunk = chunk // mesh.size if mesh is not None else chunk
 
-  def local_block_sums(params, data: ClientData, valid, keys, hparams) -> ChunkResult:
+  def local_block_sums(params, data: ClientData, valid, keys, hparams) -> RoundSums:
     split = lambda a: a.reshape((-1, local_chunk) + a.shape[1:])
     chunks = jax.tree.map(split, (data, valid, keys))
     if chunks[1].shape[0] == 1:
@@ -112,11 +143,11 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
         check_vma=False)  # local steps make replicated params per-client (varying) carries
 
   @jax.jit
-  def accumulate(total, params, data, valid, keys, hparams) -> ChunkResult:
+  def accumulate(total, params, data, valid, keys, hparams) -> RoundSums:
     return jax.tree.map(jnp.add, total, block_sums(params, data, valid, keys, hparams))
 
   def block_fn(params, data: ClientData, valid, keys, hparams,
-               total: Optional[ChunkResult] = None) -> ChunkResult:
+               total: Optional[RoundSums] = None) -> RoundSums:
     """`total` + this block's sums, in one call (zeros when `total` is None)."""
     if total is None:
       total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
@@ -125,32 +156,3 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
 
   block_fn.compiled = accumulate
   return block_fn
-
-
-@jax.jit
-def client_keys(round_key: jax.Array, ids: jax.Array) -> jax.Array:
-  """Per-client keys `fold_in(round_key, client_id)`: independent across clients."""
-  return jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids)
-
-
-def run_cohort(block_fn: Callable, params: PyTree, train: ClientArrays,
-               cohort: np.ndarray, *, block: int, round_key: jax.Array,
-               hparams: dict, put: Callable = jax.device_put) -> ChunkResult:
-  """Runs every block of `cohort` and adds their sums (host loop over blocks).
-
-  Only the cohort's clients are gathered from host memory, one block at a time;
-  the next block is gathered and transferred while the current one computes
-  (JAX dispatch is asynchronous). A fixed cohort is usually one block; a
-  Poisson cohort larger than the block runs as several calls of the same program.
-  """
-  blocks = sampling.chunk_ids(cohort, block)
-  if not blocks:  # empty Poisson cohort: one all-padding block, all sums zero
-    blocks = [(np.zeros(block, np.int64), np.zeros(block, bool))]
-  keys = client_keys(round_key, np.concatenate([ids for ids, _ in blocks]))
-  total = None
-  for b, (ids, valid) in enumerate(blocks):
-    arrays = train.take(ids)
-    arrays = dataclasses.replace(arrays, counts=np.where(valid, arrays.counts, 0))
-    total = block_fn(params, put(client_data(arrays)), put(valid),
-                     put(keys[b * block:(b + 1) * block]), hparams, total)
-  return total

@@ -14,7 +14,7 @@ from experiments import medmnist, pneumonia
 from fedsim import config as config_lib
 from fedsim import simulation
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STUDIES = [(pneumonia, v) for v in pneumonia.VARIANTS] + [
     (medmnist, v) for v in medmnist.VARIANTS]
 

@@ -12,7 +12,7 @@ import pytest
 from fedsim import checkpoint, simulation
 from tests.conftest import tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def final_params(workdir):

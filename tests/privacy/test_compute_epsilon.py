@@ -10,7 +10,7 @@ import pytest
 
 from privacy import accounting, compute_epsilon
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(*flags):

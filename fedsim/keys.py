@@ -1,0 +1,53 @@
+"""Every PRNG stream of a run, named in one place (invariant 7 of shared/DESIGN.md).
+
+Keys derive from (seed, round, client id, purpose) by `fold_in`, never from a
+global generator, so the same config and seed give the same run bit for bit, also
+after a resume. A purpose is folded in at one level of the tree below; numbers
+only need to differ within a level:
+
+  seed key -> INIT (model initialisation)
+           -> ROUND -> round r -> CLIENTS -> client id -> (batch, step) split
+                               -> DELTA_NOISE (client-level DP noise on the sum)
+                               -> COUNT_NOISE (adaptive clipping's noised count)
+  local step key -> AUGMENT (in-graph augmentation of the step's batch)
+  host numpy stream for (seed, round) -> COHORT (which hospitals train)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+# Folded into the seed key.
+INIT, ROUND = 0, 1
+# Folded into a round key.
+CLIENTS, DELTA_NOISE, COUNT_NOISE = 0, 1, 2
+# Folded into a local step key (after the draw / gradient split).
+AUGMENT = 2
+# Purpose of the host (numpy) cohort stream of a round.
+COHORT = 2
+
+
+def seed_key(seed: int) -> jax.Array:
+  """The root key of a run."""
+  return jax.random.key(seed)
+
+
+def init_key(seed: int) -> jax.Array:
+  """The key that initialises the global model."""
+  return jax.random.fold_in(seed_key(seed), INIT)
+
+
+class RoundKeys(NamedTuple):
+  """The keys of one round, one per purpose."""
+
+  clients: jax.Array      # fold_in(., client id) gives each client its key
+  delta_noise: jax.Array
+  count_noise: jax.Array
+
+
+def round_keys(seed: int, round_index: int) -> RoundKeys:
+  """The keys of round `round_index` (1-based) of a run with `seed`."""
+  key = jax.random.fold_in(jax.random.fold_in(seed_key(seed), ROUND), round_index)
+  return RoundKeys(*(jax.random.fold_in(key, p) for p in (CLIENTS, DELTA_NOISE, COUNT_NOISE)))

@@ -1,0 +1,179 @@
+"""One federated round, one function: `round_step(setup, state, round) -> (state, output)`.
+
+The stages run in the order of shared/DESIGN.md, each a named function with one home:
+
+  cohort           sample_cohort        which hospitals train (host, from (seed, round))
+  gather           blocks.gather        their data, one fixed-size block at a time
+  client updates   client.make_client_update   local steps in `lax.scan`, vmapped
+  transform        PrivacyPlan.transform      per client: client-level DP clipping
+  aggregate        aggregation.aggregate      weighted sum (the secure-aggregation seam)
+  privatize        PrivacyPlan.privatize      the server's mean delta (noised for DP-FedAvg)
+  server update    server.server_update       optax step; EMA; next clip norm
+
+`Setup` holds what a run builds once from its config; `ServerState` (fedsim/server.py)
+is everything that carries over between rounds. Hyperparameters that do not change
+shapes (`Setup.hparams`: learning rates, noise multiplier, clip norm) enter the
+compiled programs as traced values, so one compilation serves every value.
+Host work (ledger, evaluation, writing) happens outside the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fedsim import augment, blocks, evaluation, keys, models, privacy_plan, sampling, server
+from fedsim import client as client_lib
+from fedsim import sharding, strategy
+from fedsim.data.base import FederatedData
+
+PyTree = Any
+
+
+def hyperparameters(config) -> dict:
+  """Hyperparameters that enter the compiled round as traced scalars (sweepable)."""
+  values = {"client_lr": config.client.learning_rate,
+            "client_momentum": config.client.momentum,
+            "prox_mu": config.client.prox_mu,
+            "server_lr": config.server.learning_rate,
+            "noise_multiplier": config.dp.noise_multiplier,
+            "clip_norm": config.dp.clip_norm}
+  return {k: jnp.float32(v) for k, v in values.items()}
+
+
+def augmentation(data_config):
+  """The configured in-graph augmentation, or None when `data.augment` is off."""
+  if not data_config.augment:
+    return None
+  return functools.partial(augment.augment, crop_padding=data_config.augment_crop_padding,
+                           flip=data_config.augment_flip,
+                           max_rotation_degrees=data_config.augment_rotation)
+
+
+def expected_block(config) -> int:
+  """Clients per round to plan blocks for: the fixed cohort, or E + 3 std of a Poisson one."""
+  if config.client_sampling_rate <= 0:
+    return config.clients_per_round
+  q, n = config.client_sampling_rate, config.num_clients
+  return min(n, int(np.ceil(q * n + 3 * np.sqrt(q * (1 - q) * n))) or 1)
+
+
+class Setup:
+  """Everything a run builds from its config before the first round (no mutable state:
+  one Setup can serve any number of runs)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, fed: FederatedData):
+    self.config, self.fed = config, fed
+    steps = client_lib.schedule_from_config(config.client, fed.train.max_examples).num_steps
+    self.strategy = strategy.resolve(
+        config.engine, cohort_size=expected_block(config), num_steps=steps,
+        devices=None if config.engine.shard_clients else 1)
+    self.schedule = client_lib.schedule_from_config(
+        config.client, fed.train.max_examples, self.strategy.unroll)
+    self.model = models.make_model(config.model, num_classes=fed.num_classes,
+                                   conv=self.strategy.conv)
+    self.apply_fn = self.model.apply
+    privacy_plan.check_model(jax.eval_shape(self.init_params, jax.random.key(0)),
+                             config.dp.level)
+    self.plan = privacy_plan.make_plan(config, fed, self.apply_fn)
+    client_update = client_lib.make_client_update(
+        self.apply_fn, self.plan.grad_fn, schedule=self.schedule,
+        optimizer=config.client.optimizer, mean=fed.mean, std=fed.std,
+        sampler=self.plan.sampler, augment_fn=augmentation(config.data))
+    mesh = sharding.client_mesh() if self.strategy.devices > 1 else None
+    self.block_fn = blocks.make_block_fn(
+        client_update, weighting=self.plan.weighting, chunk=self.strategy.chunk,
+        transform=self.plan.transform, mesh=mesh)
+    self.put = sharding.client_put(mesh) if mesh is not None else jax.device_put
+    self.server_opt = server.server_optimizer(
+        config.server.optimizer, momentum=config.server.momentum,
+        beta2=config.server.beta2, tau=config.server.tau)
+    # The evaluated model: the global params, or their debiased EMA over rounds.
+    self.average = (optax.ema(config.server.ema_decay, debias=True)
+                    if config.server.ema_decay > 0 else None)
+    # Stage 6 runs op by op: a few small ops per leaf, and compiled into one
+    # program XLA:CPU divides differently in the last bit (results would change).
+    self.privatize = self.plan.privatize
+    self.update_clip_norm = self.plan.update_clip_norm
+    self.server_step = jax.jit(functools.partial(server_step, self.server_opt, self.average))
+    self.predict = evaluation.make_predict_fn(self.apply_fn, mean=fed.mean, std=fed.std)
+    self.hparams = hyperparameters(config)
+
+  def init_params(self, key):
+    x = jnp.zeros((1,) + self.fed.image_shape, jnp.float32)
+    return self.model.init(key, x)
+
+
+def init_state(setup: Setup) -> server.ServerState:
+  """The server state before round 1 (params from the seed's INIT key)."""
+  params = setup.init_params(keys.init_key(setup.config.seed))
+  return server.init_state(setup.server_opt, setup.average, params,
+                           setup.hparams["clip_norm"])
+
+
+class RoundOutput(NamedTuple):
+  """What one round hands to the host (device values are read only when logged)."""
+
+  cohort: np.ndarray         # hospital ids that trained
+  participating: np.ndarray  # bool [num_clients]: who the ledger charges
+  sums: blocks.RoundSums     # delta, weight and metric sums over the cohort
+  clip_norm: jax.Array       # the clip norm this round used
+  model: PyTree              # the params to evaluate (global, or their EMA)
+
+
+def sample_cohort(config, round_index: int) -> np.ndarray:
+  """Stage 1, cohort: the hospital ids of round `round_index` (data-independent)."""
+  return sampling.cohort_for_round(config, round_index)
+
+
+def client_updates(setup: Setup, params: PyTree, cohort: np.ndarray, key: jax.Array,
+                   hparams: dict) -> blocks.RoundSums:
+  """Stages 2-5: gather each block, run its clients, transform and aggregate their deltas.
+
+  One call of the compiled block program per block (usually one per round); the
+  next block is gathered while the current one computes (async dispatch).
+  """
+  total = None
+  for block in blocks.gather(setup.fed.train, cohort, setup.strategy.block):
+    client_keys = blocks.client_keys(key, block.ids)
+    total = setup.block_fn(params, setup.put(block.data), setup.put(block.valid),
+                           setup.put(client_keys), hparams, total)
+  return total
+
+
+def server_step(opt: optax.GradientTransformation, average, state: server.ServerState,
+                mean_delta: PyTree, apply: jax.Array, clip_norm: jax.Array,
+                hparams: dict, round_index: jax.Array):
+  """Stage 7, server update (jitted in `Setup`): optimiser step, moving average, next S.
+
+  Returns `(state, evaluated params)`.
+  """
+  state = server.server_update(opt, state, mean_delta, learning_rate=hparams["server_lr"],
+                               apply=apply)
+  evaluated, state = server.moving_average(average, state)
+  return state.replace(clip_norm=clip_norm, round=round_index), evaluated
+
+
+def round_step(setup: Setup, state: server.ServerState,
+               round_index: int) -> tuple[server.ServerState, RoundOutput]:
+  """Round `round_index` (1-based): every stage, in order. Pure given (setup, state, round)."""
+  config = setup.config
+  cohort = sample_cohort(config, round_index)
+  round_keys = keys.round_keys(config.seed, round_index)
+  hparams = {**setup.hparams, "clip_norm": state.clip_norm}
+  sums = client_updates(setup, state.params, cohort, round_keys.clients, hparams)
+  mean_delta, apply = setup.privatize(sums, round_keys.delta_noise, hparams)
+  clip_norm = state.clip_norm
+  if setup.update_clip_norm is not None:
+    clip_norm = setup.update_clip_norm(sums, round_keys.count_noise, hparams)
+  new_state, model = setup.server_step(state, mean_delta, apply, clip_norm, hparams,
+                                       jnp.int32(round_index))
+  return new_state, RoundOutput(
+      cohort, sampling.participation_mask(config.num_clients, cohort), sums,
+      state.clip_norm, model)
