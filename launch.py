@@ -1,22 +1,63 @@
-"""Launches a fedsim-dp run: flags -> config -> `fedsim.simulation.run`.
+r"""Launches a fedsim-dp run: flags -> config -> `fedsim.simulation.train`.
 
   python launch.py                                   # experiments/default.py
   python launch.py --config=experiments/default.py --config.num_rounds=50 \
       --config.num_clients=300 --workdir=runs/x
+  python launch.py --workdir=runs/x --overwrite      # replace a run of another config
+
+A mistake on the command line (a config file that does not exist, an unknown or
+badly typed `--config.*` field, a workdir that cannot be written or that holds a
+run of another config) stops with one line `error: ...`, before any compute.
 """
 
+import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+_DEFAULT_CONFIG = "experiments/default.py"
+# No default here: ml_collections would load it, and apply --config.* overrides, at
+# import time, outside any error handling; `parse_flags` supplies it instead.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/default.py", "Experiment config file (ml_collections).",
+    "config", None, f"Experiment config file (ml_collections); default {_DEFAULT_CONFIG}.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where the run record goes.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a run of another config (or a finished one) in --workdir.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host clusters).")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with command-line mistakes as one `error:` line, no traceback."""
+  argv, path = _with_config_file(argv)
+  if not os.path.isfile(path):
+    sys.exit(f"error: --config={path!r}: no such file")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a bad value; an error in get_config comes with its traceback
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    sys.exit(f"error: {lines[0]}" + (f" {lines[-1]}" if len(lines) > 1 else ""))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
+    name = str(e).strip("\"'")
+    pattern = rf"--?(no)?config\.([\w.]+\.)?{re.escape(name)}(\.[\w.]+)?(=.*)?"
+    flag = next((a.split("=")[0] for a in argv if re.fullmatch(pattern, a)), "--config.*")
+    sys.exit(f"error: {flag}: {path} has no field {name!r}")
+
+
+def _with_config_file(argv: list[str]) -> tuple[list[str], str]:
+  """`argv` with `--config=PATH` spelled out (the default when absent), and PATH's file."""
+  given = [i for i, arg in enumerate(argv) if re.fullmatch(r"--?config(=.*)?", arg)]
+  if not given:
+    argv = [argv[0], f"--config={_DEFAULT_CONFIG}", *argv[1:]]
+  elif "=" not in argv[given[-1]]:  # --config PATH
+    i = given[-1]
+    argv = [*argv[:i], "--config=" + "".join(argv[i + 1:i + 2]), *argv[i + 2:]]
+  value = next(arg for arg in reversed(argv) if re.fullmatch(r"--?config=.*", arg))
+  return argv, value.split("=", 1)[1].split(":", 1)[0]
 
 
 def main(argv):
@@ -28,14 +69,19 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from fedsim import simulation
-  try:  # config, data and privacy parameters: one clear line, before any compute
-    setup = simulation.prepare(_CONFIG.value)
+  from fedsim import workdir as workdir_lib
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:  # workdir, config, data and privacy parameters: one clear line, before any compute
+    workdir_lib.check_writable(workdir, create=False)  # the run creates it
+    workdir_lib.check_run(workdir, config, overwrite=_OVERWRITE.value)
+    setup = simulation.prepare(config)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  summary = simulation.train(setup, _WORKDIR.value, progress=_PROGRESS.value)
+  summary = simulation.train(setup, workdir, progress=_PROGRESS.value,
+                             overwrite=_OVERWRITE.value)
   logging.info("summary: %s", summary)
-  print(simulation.format_summary(summary, _WORKDIR.value))
+  print(simulation.format_summary(summary, workdir))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -86,13 +86,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.dp.clip_learning_rate = 0.2  # adaptive: S *= exp(-lr * (unclipped fraction - quantile))
   c.dp.clipped_count_stddev = 0.0  # adaptive: noise std on the count (0: expected cohort / 20)
 
-  c.secure_agg = ml_collections.ConfigDict()
-  c.secure_agg.enabled = False
-  c.secure_agg.bits = 32
-  c.secure_agg.threshold = 0.5
-  c.secure_agg.dropout_rate = 0.0
-  c.secure_agg.distributed_noise = False
-
   c.engine = ml_collections.ConfigDict()
   c.engine.client_chunk = 0      # clients vmapped at once (0: chosen per backend)
   c.engine.client_block = 0      # clients per jitted call, scanned in chunks (0: per backend)

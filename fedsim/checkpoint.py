@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -15,11 +17,21 @@ def save(directory: str, step: int, state) -> None:
     mngr.wait_until_finished()
 
 
-def restore(directory: str, abstract_state, step: int | None = None):
-  """Restores the step `step` (default: latest) shaped like `abstract_state`."""
-  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
+def restore(directory: str, like=None, step: int | None = None):
+  """Restores step `step` (default: latest) shaped like the pytree `like`.
+
+  `like` of numpy arrays restores to host memory, whatever devices saved it;
+  `like=None` does that for the saved tree (e.g. to read a checkpoint written
+  on 8 devices from a process that has one).
+  """
+  with ocp.CheckpointManager(os.path.abspath(directory),
+                             item_handlers=ocp.StandardCheckpointHandler()) as mngr:
     step = mngr.latest_step() if step is None else step
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    if like is None:
+      metadata = mngr.item_metadata(step)
+      metadata = getattr(metadata, "tree", metadata)
+      like = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
+    return mngr.restore(step, args=ocp.args.StandardRestore(like))
 
 
 def latest_step(directory: str) -> int | None:

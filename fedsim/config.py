@@ -10,7 +10,7 @@ import ml_collections
 
 from fedsim import aggregation, models, partition, server
 from fedsim.client import CLIENT_OPTIMIZERS
-from privacy import adaptive_clipping
+from privacy import adaptive_clipping, validation
 
 DATA_SOURCES = ("synthetic", "medmnist", "image_folder", "tfds")
 DP_LEVELS = ("none", "example", "patient", "client")
@@ -19,8 +19,7 @@ CONV_CHOICES = ("auto",) + models.CONV_IMPLS
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
-  if not ok:
-    raise ValueError(f"{field}={value!r} must be {allowed}")
+  validation.check(ok, field, value, allowed)
 
 
 def _one_of(config, field: str, choices) -> None:

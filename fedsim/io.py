@@ -1,13 +1,22 @@
 """What a run writes: config.json, metrics.jsonl/csv, summary.json, curves.png.
 
-One writer interface (`write_scalars(step, dict)`) with JSONL and CSV behind it.
-`summary.json` is written last and atomically (temporary file, then rename): its
-presence means the run completed.
+This module is the one JSON writer of the project, with one rule for values JSON
+has no room for: NaN, +inf and -inf become `null`, wherever they sit (nested in
+dicts, lists, numpy or JAX arrays). `to_json` applies the rule; `dumps` and
+`write_json_atomic` apply it and then write strict JSON (`allow_nan=False`), so a
+file we write can be read by any JSON parser.
+
+Whole files are written atomically (a temporary file in the same folder, fsync,
+then a rename): a crash never leaves a file that looks complete but is not.
+`summary.json` is written last this way: its presence means the run completed.
+Metrics rows go through `MetricWriter` (`write_scalars(step, dict)`), with JSONL
+and CSV behind it.
 """
 
 from __future__ import annotations
 
 import csv
+import io as _io
 import json
 import math
 import os
@@ -32,30 +41,83 @@ def versions() -> dict:
 
 
 def to_json(value: Any) -> Any:
-  """Numpy / JAX scalars and arrays -> plain Python; NaN and inf -> None."""
+  """Plain-Python copy of `value`: numpy / JAX scalars and arrays become numbers and
+  lists, tuples become lists, dict keys strings, and NaN, +inf, -inf become None.
+
+  Example:
+    >>> to_json({"acc": np.float32(0.5), "eps": (np.inf, -np.inf),
+    ...          "loss": np.array([1.0, np.nan]), 3: np.int64(7)})
+    {'acc': 0.5, 'eps': [None, None], 'loss': [1.0, None], '3': 7}
+  """
   if isinstance(value, dict):
     return {str(k): to_json(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [to_json(v) for v in value]
-  if hasattr(value, "tolist"):
+  if hasattr(value, "tolist"):  # numpy and JAX arrays and scalars
     return to_json(value.tolist())
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-  """Writes JSON to `path` via a temporary file and a rename."""
+def dumps(value: Any, *, indent: int | None = None) -> str:
+  """`value` as strict JSON text, after `to_json` (so NaN and inf are `null`).
+
+  Example:
+    >>> dumps({"epsilon": float("nan"), "rounds": np.int32(3)})
+    '{"epsilon": null, "rounds": 3}'
+  """
+  return json.dumps(to_json(value), indent=indent, allow_nan=False)
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+  """Writes `data` to `path` through `path + ".tmp"`, fsync and a rename.
+
+  Either the whole new content is at `path` afterwards or `path` is as it was; the
+  temporary file is removed on any failure.
+  """
   tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(to_json(payload), f, indent=2, allow_nan=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+  """Writes `payload` as strict JSON (see `dumps`) to `path`, atomically.
+
+  The payload is serialised before anything touches the disk, so a value JSON
+  cannot hold raises `TypeError` and leaves `path` as it was.
+  """
+  write_atomic(path, dumps(payload, indent=2) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The rows of a JSONL file; an unparsable last line (a write cut short) is dropped."""
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise
+  return rows
 
 
 class MetricWriter:
-  """Appends one row per evaluated round to metrics.jsonl and metrics.csv."""
+  """Appends one row per evaluated round to metrics.jsonl and rewrites metrics.csv.
+
+  Rows pass through `to_json` (NaN and inf -> null in JSONL, an empty cell in CSV);
+  `history` holds them for the plot.
+  """
 
   def __init__(self, workdir: str):
     self.jsonl = os.path.join(workdir, "metrics.jsonl")
@@ -64,29 +126,27 @@ class MetricWriter:
 
   def truncate(self, step: int) -> None:
     """Keeps the rows of rounds <= `step` (a resumed run rewrites what follows)."""
-    rows = []
-    if os.path.exists(self.jsonl):
-      with open(self.jsonl) as f:
-        rows = [row for line in f if line.strip()
-                and (row := json.loads(line))["round"] <= step]
-    self.history = rows
-    with open(self.jsonl, "w") as f:
-      f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+    rows = read_jsonl(self.jsonl) if os.path.exists(self.jsonl) else []
+    self.history = [row for row in rows if row["round"] <= step]
+    write_atomic(self.jsonl, "".join(dumps(row) + "\n" for row in self.history))
     self._write_csv()
 
   def write_scalars(self, step: int, scalars: dict) -> None:
+    """Appends the row `{"round": step, **scalars}`."""
     row = to_json({"round": step, **scalars})
+    line = dumps(row) + "\n"
     self.history.append(row)
     with open(self.jsonl, "a") as f:
-      f.write(json.dumps(row, allow_nan=False) + "\n")
+      f.write(line)
     self._write_csv()
 
   def _write_csv(self) -> None:
     fields = list(dict.fromkeys(k for row in self.history for k in row))
-    with open(self.csv, "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=fields)
-      writer.writeheader()
-      writer.writerows(self.history)
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(self.history)
+    write_atomic(self.csv, buffer.getvalue())
 
 
 def plot_curves(history: list[dict], path: str) -> None:
@@ -122,5 +182,7 @@ def plot_curves(history: list[dict], path: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  png = _io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
+  write_atomic(path, png.getvalue())

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from privacy import ghost_layers
+
 CONV_IMPLS = ("xla", "patches")
 
 
@@ -43,6 +45,10 @@ class PatchConv(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     return y
+
+
+# Computes lax.conv(x, kernel) + bias with nn.Conv's params: ghost clipping may unfold it.
+ghost_layers.register_conv_layer(PatchConv)
 
 
 def conv_module(impl: str) -> Callable[..., nn.Module]:

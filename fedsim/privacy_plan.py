@@ -31,7 +31,8 @@ from fedsim import aggregation, dp_sgd, models, sampling
 from fedsim import client as client_lib
 from fedsim import config as config_lib
 from fedsim.data.base import FederatedData
-from privacy import accounting, adaptive_clipping, clipping
+from privacy import adaptive_clipping, clipping, validation
+from privacy import ledger as ledger_lib
 from privacy.sampling import PoissonSampler, poisson_rate
 
 UNITS = {"none": None, "example": "example", "patient": "patient", "client": "hospital"}
@@ -51,7 +52,7 @@ class PrivacyPlan:
       mean delta (noised for client-level DP) and whether to step at all.
     update_clip_norm: `(round sums, key, hparams) -> clip norm` of the next round
       (adaptive clipping), or None.
-    new_ledger: `() -> privacy.accounting.PrivacyLedger`, a fresh ledger per run;
+    new_ledger: `() -> privacy.ledger.PrivacyLedger`, a fresh ledger per run;
       None without DP.
   """
 
@@ -130,7 +131,7 @@ def local_sampling(config, fed: FederatedData) -> tuple[np.ndarray, np.ndarray, 
 
 def _local_plan(config, fed, apply_fn, level) -> PrivacyPlan:
   rates, steps, units = local_sampling(config, fed)
-  accounting.validate_dp_params(
+  validation.validate_dp_params(
       noise_multiplier=config.dp.noise_multiplier, sampling_rate=float(rates.max()),
       delta=config.dp.delta, clip_norm=config.dp.clip_norm, population=int(units.max()))
   max_units = config.dp.max_batch_size
@@ -138,7 +139,7 @@ def _local_plan(config, fed, apply_fn, level) -> PrivacyPlan:
   if level == "patient" and config.dp.clipping == "ghost" and config.dp.microbatch_size:
     raise ValueError("dp.microbatch_size must be 0 with dp.clipping='ghost' and "
                      "dp.level='patient' (ghost clipping of patients is not microbatched)")
-  new_ledger = lambda: accounting.PrivacyLedger.for_local_dp_sgd(
+  new_ledger = lambda: ledger_lib.PrivacyLedger.for_local_dp_sgd(
       sampling_rates=rates, steps=steps, noise_multiplier=config.dp.noise_multiplier,
       delta=config.dp.delta, accountant=config.dp.accountant, unit=level,
       truncated_batch_size=max_units if truncated else None,
@@ -161,11 +162,11 @@ def _client_level_plan(config, apply_fn) -> PrivacyPlan:
     raise ValueError(
         "client_sampling_rate=0.0 must be in (0, 1] for dp.level='client' "
         "(DP-FedAvg is accounted for Poisson cohorts)")
-  accounting.validate_dp_params(
+  validation.validate_dp_params(
       noise_multiplier=config.dp.noise_multiplier, sampling_rate=q,
       delta=config.dp.delta, clip_norm=config.dp.clip_norm,
       population=config.num_clients)
-  new_ledger = lambda: accounting.PrivacyLedger.for_client_level(
+  new_ledger = lambda: ledger_lib.PrivacyLedger.for_client_level(
       num_hospitals=config.num_clients, noise_multiplier=config.dp.noise_multiplier,
       delta=config.dp.delta, sampling_rate=q, accountant=config.dp.accountant)
   new_ledger()

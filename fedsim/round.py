@@ -28,9 +28,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from fedsim import augment, blocks, evaluation, keys, models, privacy_plan, sampling, server
+from fedsim import (
+  augment,
+  blocks,
+  evaluation,
+  keys,
+  models,
+  privacy_plan,
+  sampling,
+  server,
+  sharding,
+  strategy,
+)
 from fedsim import client as client_lib
-from fedsim import sharding, strategy
 from fedsim.data.base import FederatedData
 
 PyTree = Any

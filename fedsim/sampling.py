@@ -14,7 +14,6 @@ import numpy as np
 from fedsim import keys
 
 
-
 def round_rng(seed: int, round_index: int, purpose: int) -> np.random.Generator:
   """A generator for one (seed, round, purpose), independent of every other."""
   return np.random.default_rng([seed, round_index, purpose])

@@ -18,6 +18,7 @@ import time
 import flax.serialization
 import jax
 import ml_collections
+import numpy as np
 from tqdm.auto import tqdm
 
 from fedsim import config as config_lib
@@ -26,6 +27,7 @@ from fedsim import round as round_lib
 from fedsim import workdir as workdir_lib
 from fedsim.data import make_federated_data
 from fedsim.round import Setup
+
 
 def evaluate(setup: Setup, params) -> tuple[dict, dict]:
   """Test metrics of the seen hospitals and of the unseen ones (flat, and full)."""
@@ -69,13 +71,17 @@ def save_state(workdir: str, state: server.ServerState) -> None:
 
 
 def restore_state(workdir: str, step: int, like: server.ServerState) -> server.ServerState:
-  """The checkpointed state of round `step`, placed on devices exactly as `like` is."""
+  """The checkpointed state of round `step`, placed on devices as a fresh state is.
+
+  Restored to host memory, then put on the default device uncommitted, exactly
+  like a freshly initialised state, so the block program may lay it out over the
+  client mesh as it does in round 1 (orbax would commit it to one device).
+  """
   from fedsim import checkpoint  # pylint: disable=import-outside-toplevel
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      flax.serialization.to_state_dict(like))
-  restored = checkpoint.restore(workdir_lib.checkpoint_dir(workdir), abstract, step)
-  return flax.serialization.from_state_dict(like, restored)
+  host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                      flax.serialization.to_state_dict(like))
+  restored = checkpoint.restore(workdir_lib.checkpoint_dir(workdir), host, step)
+  return flax.serialization.from_state_dict(like, jax.device_put(restored))
 
 
 def train(setup: Setup, workdir: str, *, progress: bool = True,

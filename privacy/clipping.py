@@ -25,7 +25,6 @@ book-keeps the clipped sum (see privacy/ghost.py for the layers it supports).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -33,9 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from privacy import ghost
-
-PyTree = Any
-LossFn = Callable[[PyTree, PyTree], jax.Array]
+from privacy.ghost import LossFn, PyTree
 
 METHODS = ("vmap", "ghost")
 _TINY = 1e-12  # keeps C / (norm + tiny) finite for a zero gradient

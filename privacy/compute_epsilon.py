@@ -7,7 +7,7 @@
   python -m privacy.compute_epsilon --config=experiments/dp_sgd.py
       # prints the per-hospital ledger that run would get, then its max epsilon
 
-The event is Poisson-sampled Gaussian steps (`accounting.local_dp_sgd_event`; with
+The event is Poisson-sampled Gaussian steps (`events.local_dp_sgd_event`; with
 --truncated_batch_size and --dataset_size, truncated Poisson batches, PLD only). For
 client-level DP pass the client sampling rate and --steps=rounds. The last line printed is
 the number alone, so scripts can read it. Invalid parameters print one line and exit 2.
@@ -21,7 +21,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from privacy import accounting
+from privacy import accountants, events, validation
+from privacy import ledger as ledger_lib
 
 _SAMPLING_RATE = flags.DEFINE_float("sampling_rate", None, "Poisson sampling rate q in (0, 1].")
 _NOISE = flags.DEFINE_float("noise_multiplier", None, "Noise std / clip norm (sigma).")
@@ -34,7 +35,7 @@ _TRUNCATED = flags.DEFINE_integer("truncated_batch_size", None,
                                   "Poisson batches truncated to this size (PLD only).")
 _DATASET_SIZE = flags.DEFINE_integer("dataset_size", None,
                                      "Privacy units sampled from (with --truncated_batch_size).")
-_PLD_DISCRETIZATION = flags.DEFINE_float("pld_discretization", accounting.PLD_DISCRETIZATION,
+_PLD_DISCRETIZATION = flags.DEFINE_float("pld_discretization", accountants.PLD_DISCRETIZATION,
                                          "PLD value discretisation interval.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: print the per-hospital ledger the run would get.")
@@ -50,32 +51,32 @@ def compute(
     accountant: str = "rdp",
     truncated_batch_size: int | None = None,
     dataset_size: int | None = None,
-    pld_discretization: float = accounting.PLD_DISCRETIZATION,
+    pld_discretization: float = accountants.PLD_DISCRETIZATION,
 ) -> tuple[str, float]:
   """Returns (description line, value): epsilon, or the calibrated noise multiplier."""
   if (noise_multiplier is None) == (target_epsilon is None):
     raise ValueError("give exactly one of --noise_multiplier and --target_epsilon")
   if sampling_rate is None or steps is None:
     raise ValueError("--sampling_rate and --steps are required (or give --config)")
-  accounting.make_accountant(accountant)
+  accountants.make_accountant(accountant)
   common = {"sampling_rate": sampling_rate, "steps": steps,
             "truncated_batch_size": truncated_batch_size, "dataset_size": dataset_size}
   setting = f"q={sampling_rate:g}, steps={steps}, delta={delta:g}, accountant={accountant}"
   if truncated_batch_size is not None:
     setting += f", truncated to {truncated_batch_size} of n={dataset_size}"
   if target_epsilon is not None:
-    sigma = accounting.calibrate_noise_multiplier(
+    sigma = accountants.calibrate_noise_multiplier(
         target_epsilon=target_epsilon, delta=delta, accountant=accountant,
         pld_discretization=pld_discretization, **common)
     return f"noise_multiplier={sigma:.6g} for epsilon<={target_epsilon:g} ({setting})", sigma
-  accounting.validate_dp_params(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
+  validation.validate_dp_params(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
                                 delta=delta)
-  event = accounting.local_dp_sgd_event(noise_multiplier=noise_multiplier, **common)
-  eps = accounting.epsilon(event, delta, accountant, pld_discretization=pld_discretization)
+  event = events.local_dp_sgd_event(noise_multiplier=noise_multiplier, **common)
+  eps = accountants.epsilon(event, delta, accountant, pld_discretization=pld_discretization)
   return f"epsilon={eps:.6g} at sigma={noise_multiplier:g} ({setting})", eps
 
 
-def ledger_lines(ledger: accounting.PrivacyLedger) -> list[str]:
+def ledger_lines(ledger: ledger_lib.PrivacyLedger) -> list[str]:
   """Human-readable per-hospital ledger; the last line is the max epsilon alone."""
   eps, counts = ledger.epsilons(), ledger.composition_counts
   header = (f"privacy unit={ledger.unit}, delta={ledger.delta:g}, "

@@ -1,4 +1,4 @@
-"""Sharded equals unsharded: the client axis split over 8 fake CPU devices."""
+"""Sharded equals unsharded: the client axis split over 8 fake CPU devices, two rounds."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from fedsim import rounds, sampling, sharding, simulation
+    from fedsim import round, sampling, simulation
     from tests.conftest import tiny_config
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config()
@@ -22,21 +22,23 @@ SCRIPT = textwrap.dedent("""
     sharded = simulation.prepare(config)
     config.engine.shard_clients = False
     config.engine.client_chunk = config.engine.client_block = 8
-    plain = simulation.Setup(config, sharded.fed)
+    plain = round.Setup(config, sharded.fed)
     assert sharded.strategy.devices == 8 and sharded.strategy.block == 8
     assert plain.strategy.devices == 1
-    params = sharded.init_params(jax.random.key(0))
-    cohort = sampling.cohort_for_round(config, 1)
-    out = []
+    states, outs = [], []
     for setup in (sharded, plain):
-      out.append(rounds.run_cohort(setup.block_fn, params, setup.fed.train, cohort,
-                                   block=setup.strategy.block, round_key=jax.random.key(1),
-                                   hparams=setup.hparams, put=setup.put))
-    a, b = out
+      state = round.init_state(setup)
+      for r in (1, 2):
+        state, out = round.round_step(setup, state, r)
+      states.append(state)
+      outs.append(out)
+    a, b = (out.sums for out in outs)
     assert len(a.delta_sum["params"]["conv1"]["kernel"].sharding.device_set) == 8
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-5),
                  a.delta_sum, b.delta_sum)
     np.testing.assert_allclose(a.metrics["examples"], b.metrics["examples"])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-5),
+                 states[0].params, states[1].params)
     assert sharded.strategy.conv == plain.strategy.conv == "xla"  # native convolutions
     print("SHARDED_OK")
 """)

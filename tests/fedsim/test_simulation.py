@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -66,44 +67,68 @@ def _final_state(workdir):
   return checkpoint.restore(directory, None, checkpoint.latest_step(directory))
 
 
-def test_resume_after_interruption_is_bit_exact(tmp_path, monkeypatch):
-  config = tiny_config()
-  config.dp.level = "patient"
-  config.num_rounds, config.checkpoint_every, config.eval_every = 4, 2, 1
-  config.server.ema_decay = 0.5  # the averaged model is part of the state
+RESUME_CONFIG = """
+from tests.conftest import tiny_config
+
+def get_config():
+  c = tiny_config()
+  c.num_clients, c.clients_per_round = 8, 5
+  c.dp.level = "patient"
+  c.num_rounds, c.checkpoint_every, c.eval_every = 5, 1, 1
+  c.server.ema_decay = 0.5  # the averaged model is part of the state
+  return c
+"""
+
+# Runs launch.py in this process and SIGKILLs it right after round 3's checkpoint.
+KILL_AFTER_ROUND_3 = """
+import os, runpy, signal, sys
+from fedsim import simulation
+save = simulation.save_state
+def save_then_die(workdir, state):
+  save(workdir, state)
+  if int(state.round) == 3:
+    os.kill(os.getpid(), signal.SIGKILL)
+simulation.save_state = save_then_die
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def launch(args, devices, *, script=None):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  cmd = [sys.executable, *(["-c", script] if script else ["launch.py"]), *args]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sigkilled_run_resumes_bit_for_bit(tmp_path, devices):
+  """A process killed with SIGKILL after round 3 and launched again ends where an
+  uninterrupted run ends: params, optimiser and EMA state, metrics and ledger."""
+  config_file = tmp_path / "resume_config.py"
+  config_file.write_text(RESUME_CONFIG)
   straight, resumed = os.fspath(tmp_path / "straight"), os.fspath(tmp_path / "resumed")
-  simulation.run(config, straight, progress=False)
-
-  real = simulation.sampling.cohort_for_round
-
-  def preempted_in_round_3(cfg, r):
-    if r == 3:
-      raise RuntimeError("preempted")
-    return real(cfg, r)
-
-  monkeypatch.setattr(simulation.sampling, "cohort_for_round", preempted_in_round_3)
-  with pytest.raises(RuntimeError, match="preempted"):
-    simulation.run(config, resumed, progress=False)
-  monkeypatch.undo()
+  args = lambda workdir: [f"--config={config_file}", f"--workdir={workdir}", "--noprogress"]
+  assert launch(args(straight), devices).returncode == 0
+  killed = launch(args(resumed), devices, script=KILL_AFTER_ROUND_3)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   assert not os.path.exists(os.path.join(resumed, "summary.json"))
-  assert simulation.resume_round(resumed, config) == 2
-  other = tiny_config()
-  other.seed = 1
-  assert simulation.resume_round(resumed, other) == 0  # another config starts afresh
+  assert checkpoint.latest_step(os.path.join(resumed, "checkpoints")) == 3
+  again = launch(args(resumed), devices)
+  assert again.returncode == 0, again.stderr[-2000:]
 
-  summary = simulation.run(config, resumed, progress=False)
-  expected = json.load(open(os.path.join(straight, "summary.json")))
-  for key in ("rounds", "accuracy", "auroc", "epsilon"):
-    assert summary[key] == expected[key]
   jax.tree.map(np.testing.assert_array_equal, _final_state(resumed), _final_state(straight))
   rows = [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
           for d in (resumed, straight)]
-  assert [r["round"] for r in rows[0]] == [1, 2, 3, 4]
+  assert [r["round"] for r in rows[0]] == [1, 2, 3, 4, 5]
   for a, b in zip(*rows):
     a.pop("wall_seconds"), b.pop("wall_seconds")
     assert a == b
   privacy = [json.load(open(os.path.join(d, "privacy.json"))) for d in (resumed, straight)]
   assert privacy[0] == privacy[1]
+  summaries = [json.load(open(os.path.join(d, "summary.json"))) for d in (resumed, straight)]
+  for key in ("rounds", "accuracy", "auroc", "epsilon"):
+    assert summaries[0][key] == summaries[1][key]
 
 
 def test_ema_changes_what_is_evaluated_not_what_is_trained(tmp_path):

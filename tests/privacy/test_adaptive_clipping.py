@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from fedsim import config as config_lib
-from fedsim import privacy_plan, rounds, sampling, simulation
-from privacy import adaptive_clipping
+from fedsim import keys, privacy_plan, sampling, simulation
+from fedsim import round as round_lib
+from privacy import adaptive_clipping, clipping
 from tests.conftest import tiny_config
 
 
@@ -118,29 +119,27 @@ def test_adaptive_clip_needs_client_level(level):
 def test_setup_refuses_what_validate_refuses(tiny_fed):
   config = client_config(clipped_count_stddev=0.0)  # E / 20 = 0.15 <= z / 2 = 0.6
   with pytest.raises(ValueError, match="dp.clipped_count_stddev"):
-    simulation.Setup(config, tiny_fed)
+    round_lib.Setup(config, tiny_fed)
 
 
 def test_eta_zero_clips_like_the_fixed_run_and_only_rescales_the_noise(tiny_fed):
-  fixed = simulation.Setup(client_config(adaptive=False), tiny_fed)
-  adaptive = simulation.Setup(client_config(clip_learning_rate=0.0), tiny_fed)
-  assert fixed.plan.update_hparams is None
+  fixed = round_lib.Setup(client_config(adaptive=False), tiny_fed)
+  adaptive = round_lib.Setup(client_config(clip_learning_rate=0.0), tiny_fed)
+  assert fixed.plan.update_clip_norm is None
   params = fixed.init_params(jax.random.key(0))
   cohort = sampling.cohort_for_round(fixed.config, 1)
-  run = lambda s: rounds.run_cohort(s.block_fn, params, tiny_fed.train, cohort,
-                                    block=s.strategy.block, round_key=jax.random.key(2),
-                                    hparams=s.hparams)
+  run = lambda s: round_lib.client_updates(s, params, cohort, jax.random.key(2), s.hparams)
   a, f = run(adaptive), run(fixed)
   assert float(a.metrics["delta_clipped"]) == float(f.metrics["delta_clipped"])
   assert float(a.metrics["delta_clipped"] + a.metrics["delta_unclipped"]) == len(cohort)
   jax.tree.map(np.testing.assert_array_equal, a.delta_sum, f.delta_sum)
-  new = adaptive.plan.update_hparams(a, jax.random.key(3), adaptive.hparams)
-  assert float(new["clip_norm"]) == float(adaptive.hparams["clip_norm"])
+  new = adaptive.plan.update_clip_norm(a, jax.random.key(3), adaptive.hparams)
+  assert float(new) == float(adaptive.hparams["clip_norm"])
   # Same key: the delta noise is the fixed run's times z_delta / z.
   expected = fixed.config.client_sampling_rate * fixed.config.num_clients
   clean = jax.tree.map(lambda d: d / expected, f.delta_sum)
   noise = lambda s, r: np.concatenate([np.ravel(x - c) for x, c in zip(
-      jax.tree.leaves(s.plan.finalize(r, jax.random.key(4), s.hparams)),
+      jax.tree.leaves(s.plan.privatize(r, jax.random.key(4), s.hparams)[0]),
       jax.tree.leaves(clean))])
   z = fixed.config.dp.noise_multiplier
   ratio = adaptive_clipping.delta_noise_multiplier(z, 2.0) / z
@@ -158,9 +157,9 @@ def test_adaptive_run_records_clip_norm_and_keeps_the_ledger(tmp_path, tiny_fed)
   adaptive_config = client_config(clip_learning_rate=0.5)
   for c in (fixed_config, adaptive_config):
     c.num_rounds = num_rounds
-  fixed = simulation.train(simulation.Setup(fixed_config, tiny_fed),
+  fixed = simulation.train(round_lib.Setup(fixed_config, tiny_fed),
                            os.fspath(tmp_path / "fixed"), progress=False)
-  setup = simulation.Setup(adaptive_config, tiny_fed)
+  setup = round_lib.Setup(adaptive_config, tiny_fed)
   summary = simulation.train(setup, os.fspath(tmp_path / "a"), progress=False)
   again = simulation.train(setup, os.fspath(tmp_path / "b"), progress=False)
 
@@ -177,7 +176,65 @@ def test_adaptive_run_records_clip_norm_and_keeps_the_ledger(tmp_path, tiny_fed)
   assert norms == [r["clip_norm"] for r in rows(tmp_path / "b")]
   assert summary["accuracy"] == again["accuracy"]
   assert float(setup.hparams["clip_norm"]) == adaptive_config.dp.clip_norm
-  # The count noise has its own purpose in the round key (never the delta noise's).
-  assert len({simulation.CLIENTS, simulation.DELTA_NOISE, simulation.COUNT_NOISE}) == 3
   # A new clip norm each round is a new traced value, not a new program.
   assert setup.block_fn.compiled._cache_size() == 1
+
+
+def test_round_hands_the_count_and_the_delta_noise_different_keys(tiny_fed):
+  """Round r draws the delta noise from `round_keys(seed, r).delta_noise` and the clip-norm
+  update's count noise from `.count_noise`: two different keys (recorded as the round runs)."""
+  setup = round_lib.Setup(client_config(), tiny_fed)
+  seen = {"delta": [], "count": []}
+  privatize, update_clip_norm = setup.privatize, setup.update_clip_norm
+
+  def recording_privatize(sums, key, hparams):
+    seen["delta"].append(jax.random.key_data(key))
+    return privatize(sums, key, hparams)
+
+  def recording_update(sums, key, hparams):
+    seen["count"].append(jax.random.key_data(key))
+    return update_clip_norm(sums, key, hparams)
+
+  setup.privatize, setup.update_clip_norm = recording_privatize, recording_update
+  state = round_lib.init_state(setup)
+  for r in (1, 2):
+    state, _ = round_lib.round_step(setup, state, r)
+  for r, delta, count in zip((1, 2), seen["delta"], seen["count"], strict=True):
+    expected = keys.round_keys(setup.config.seed, r)
+    np.testing.assert_array_equal(delta, jax.random.key_data(expected.delta_noise))
+    np.testing.assert_array_equal(count, jax.random.key_data(expected.count_noise))
+    assert not np.array_equal(delta, count)
+
+
+def test_count_noise_is_independent_of_the_delta_noise():
+  """Over many rounds the clip-norm update's noise and the delta noise are uncorrelated.
+
+  The draws are the ones the round makes: `adaptive_clipping.update_clip_norm` on round r's
+  `count_noise` key and `clipping.privatize` on its `delta_noise` key (the wiring is checked
+  above). With n = 4000 rounds, each of the 8 sample correlations between the count noise and
+  one coordinate of the delta noise is about N(0, 1/n) when they are independent, so
+  |r| < 5 / sqrt(n) fails by chance with probability < 8 * 5.8e-7 < 5e-6.
+  """
+  n, width = 4000, 8
+  round_keys = jax.vmap(lambda r: keys.round_keys(0, r))(jnp.arange(1, n + 1))
+  count_keys, delta_keys = round_keys.count_noise, round_keys.delta_noise
+  assert not np.any(np.all(
+      jax.random.key_data(count_keys) == jax.random.key_data(delta_keys), axis=-1))
+
+  def count_noise(key):  # centered count 0: S' = exp(-(b_bar - 1/2)), b_bar - 1/2 = noise / E
+    new = adaptive_clipping.update_clip_norm(
+        1.0, 5, 10, key, target_quantile=0.5, learning_rate=1.0, count_stddev=1.0,
+        expected_cohort=100.0)
+    return -jnp.log(new) * 100.0
+
+  def delta_noise(key):  # privatize of a zero sum: the noise alone, std 1
+    return clipping.privatize({"w": jnp.zeros(width)}, key, clip_norm=1.0,
+                              noise_multiplier=1.0, expected_batch_size=1.0)["w"]
+
+  counts = np.asarray(jax.vmap(count_noise)(count_keys), np.float64)
+  deltas = np.asarray(jax.vmap(delta_noise)(delta_keys), np.float64)
+  # Both are the unit-variance draws (std of a std estimate: 1 / sqrt(2n) = 0.011).
+  assert abs(counts.std() - 1) < 0.06 and np.all(np.abs(deltas.std(axis=0) - 1) < 0.06)
+  z = lambda x: (x - x.mean(axis=0)) / x.std(axis=0)
+  correlations = (z(counts)[:, None] * z(deltas)).mean(axis=0)
+  assert np.all(np.abs(correlations) < 5 / np.sqrt(n)), correlations

@@ -1,4 +1,4 @@
-"""Tests for privacy/clipping.py and privacy/ghost.py (tiny SmallCNN, CPU)."""
+"""Tests for privacy/clipping.py, ghost.py and ghost_layers.py (tiny SmallCNN, CPU)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from fedsim.models import SmallCNN
-from privacy import clipping, ghost
+from fedsim.models import PatchConv, SmallCNN
+from privacy import clipping, ghost, ghost_layers
 
 M = 8
 MASK = np.array([1, 1, 1, 0, 1, 1, 0, 1], bool)
@@ -420,3 +420,9 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="num_groups"):
     clipping.clipped_grad_sum(loss_fn, params, batch, MASK, clip_norm=1.0,
                               groups=GROUPS)
+
+
+def test_fedsim_registers_its_patch_conv_for_ghost_clipping():
+  """privacy/ never imports fedsim: fedsim.models registers PatchConv when it defines it."""
+  assert PatchConv in ghost_layers.conv_layers()
+  assert nn.Conv not in ghost_layers.conv_layers()  # Native layers need no registration.

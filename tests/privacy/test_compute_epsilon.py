@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from privacy import accounting, compute_epsilon
+from privacy import accountants, compute_epsilon, events, ledger
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -21,22 +21,22 @@ def _run(*flags):
 def test_cli_epsilon_last_line_is_library_value():
   out = _run("--sampling_rate=0.01", "--noise_multiplier=4", "--steps=10000", "--delta=1e-5")
   assert out.returncode == 0, out.stderr
-  event = accounting.local_dp_sgd_event(sampling_rate=0.01, noise_multiplier=4.0, steps=10000)
-  assert float(out.stdout.strip().splitlines()[-1]) == accounting.epsilon(event, 1e-5)
+  event = events.local_dp_sgd_event(sampling_rate=0.01, noise_multiplier=4.0, steps=10000)
+  assert float(out.stdout.strip().splitlines()[-1]) == accountants.epsilon(event, 1e-5)
 
 
 def test_cli_target_epsilon_prints_calibrated_sigma():
   out = _run("--sampling_rate=0.01", "--target_epsilon=3", "--steps=100", "--delta=1e-5")
   assert out.returncode == 0, out.stderr
   sigma = float(out.stdout.strip().splitlines()[-1])
-  assert sigma == accounting.calibrate_noise_multiplier(
+  assert sigma == accountants.calibrate_noise_multiplier(
       target_epsilon=3.0, sampling_rate=0.01, steps=100, delta=1e-5)
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--noise_multiplier=-1"], "dp.noise_multiplier=-1 must be >= 0"),
+    (["--noise_multiplier=-1"], "dp.noise_multiplier=-1.0 must be >= 0"),
     (["--noise_multiplier=1", "--truncated_batch_size=4", "--dataset_size=100"],
-     "use dp.accountant=pld"),
+     "dp.accountant='rdp' must be 'pld' for truncated Poisson batches"),
 ])
 def test_cli_invalid_params_one_line_exit_2(flags, message):
   out = _run("--sampling_rate=0.01", "--steps=10", "--delta=1e-5", *flags)
@@ -46,10 +46,11 @@ def test_cli_invalid_params_one_line_exit_2(flags, message):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(noise_multiplier=1.0, accountant="moments"), "is not one of: rdp, pld"),
+    (dict(noise_multiplier=1.0, accountant="moments"),
+     r"dp.accountant='moments' must be one of \['rdp', 'pld'\]"),
     (dict(noise_multiplier=1.0, target_epsilon=2.0), "exactly one of"),
-    (dict(target_epsilon=2.0, sampling_rate=1.5), r"sampling rate q=1.5 must be in \(0, 1\]"),
-    (dict(noise_multiplier=1.0, delta=2.0), r"dp.delta=2 must be in \(0, 1\)"),
+    (dict(target_epsilon=2.0, sampling_rate=1.5), r"sampling_rate=1.5 must be in \(0, 1\]"),
+    (dict(noise_multiplier=1.0, delta=2.0), r"dp.delta=2.0 must be in \(0, 1\)"),
     (dict(noise_multiplier=1.0, steps=None), "--sampling_rate and --steps are required"),
 ])
 def test_compute_validation_messages(kwargs, message):
@@ -62,8 +63,8 @@ def test_compute_pld_matches_library():
   text, eps = compute_epsilon.compute(sampling_rate=0.02, steps=50, delta=1e-5,
                                       noise_multiplier=1.0, accountant="pld",
                                       pld_discretization=1e-3)
-  event = accounting.local_dp_sgd_event(sampling_rate=0.02, noise_multiplier=1.0, steps=50)
-  assert eps == accounting.epsilon(event, 1e-5, "pld", pld_discretization=1e-3)
+  event = events.local_dp_sgd_event(sampling_rate=0.02, noise_multiplier=1.0, steps=50)
+  assert eps == accountants.epsilon(event, 1e-5, "pld", pld_discretization=1e-3)
   assert "accountant=pld" in text
 
 
@@ -75,12 +76,12 @@ def test_compute_truncated_with_pld():
 
 
 def test_ledger_lines_last_line_is_max_epsilon():
-  ledger = accounting.PrivacyLedger.for_local_dp_sgd(
+  record = ledger.PrivacyLedger.for_local_dp_sgd(
       sampling_rates=[0.1, 0.2, 0.5], steps=[10, 5, 2], noise_multiplier=1.0, delta=1e-5)
-  ledger.record_round(np.array([True, True, False]))
-  lines = compute_epsilon.ledger_lines(ledger)
+  record.record_round(np.array([True, True, False]))
+  lines = compute_epsilon.ledger_lines(record)
   assert len(lines) == 3 + 4
-  assert float(lines[-1]) == ledger.max_epsilon()
+  assert float(lines[-1]) == record.max_epsilon()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fedsim.privacy_plan") is None,
