@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from benchmarks import workload
-from fedsim import aggregation, blocks, keys, models, server
+from fedsim import aggregation, blocks, keys, models
 from fedsim import client as client_lib
 from fedsim import round as round_lib
 
@@ -87,23 +87,6 @@ def engine_round_fn(setup: round_lib.Setup) -> Callable[[int], Any]:
   return one_round
 
 
-def server_stages(setup: round_lib.Setup, state: server.ServerState, sums: blocks.RoundSums,
-                  round_keys: keys.RoundKeys, hparams: dict,
-                  round_index: int) -> server.ServerState:
-  """Stages 6-7 (privatize, server update) on a round's sums, as `round.round_step` runs them.
-
-  The loop reference computes the sums of stages 3-5 its own way; from the sums on,
-  its round is the engine's, through the Setup's own stage functions.
-  """
-  mean_delta, apply = setup.privatize(sums, round_keys.delta_noise, hparams)
-  clip_norm = state.clip_norm
-  if setup.update_clip_norm is not None:
-    clip_norm = setup.update_clip_norm(sums, round_keys.count_noise, hparams)
-  state, _ = setup.server_step(state, mean_delta, apply, clip_norm, hparams,
-                               jnp.int32(round_index))
-  return state
-
-
 def loop_round_fn(setup: round_lib.Setup) -> Callable[[int], Any]:
   """The engine's round with hospitals run one by one: one jitted call per hospital.
 
@@ -113,10 +96,7 @@ def loop_round_fn(setup: round_lib.Setup) -> Callable[[int], Any]:
   the engine compute the same round); per-client data is on the device before timing.
   """
   config, fed, plan = setup.config, setup.fed, setup.plan
-  client_update = client_lib.make_client_update(
-      setup.apply_fn, plan.grad_fn, schedule=setup.schedule,
-      optimizer=config.client.optimizer, mean=fed.mean, std=fed.std, sampler=plan.sampler,
-      augment_fn=round_lib.augmentation(config.data))
+  client_update = setup.client_update
 
   def client_sums(params, data, client_id, clients_key, hparams) -> blocks.RoundSums:
     key = blocks.client_keys(clients_key, client_id[None])[0]
@@ -152,7 +132,7 @@ def loop_round_fn(setup: round_lib.Setup) -> Callable[[int], Any]:
     for k in cohort:
       total = step(total, state.params, per_client[k], client_ids[k], round_keys.clients,
                    hparams)
-    state = server_stages(setup, state, total, round_keys, hparams, r)
+    state, _ = round_lib.finish_round(setup, state, total, round_keys, hparams, r)
     return jax.block_until_ready(state)
 
   return one_round

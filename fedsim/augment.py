@@ -42,7 +42,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-_CROP, _FLIP, _ROTATE = 0, 1, 2  # purposes folded into each image's key
+from fedsim import keys
+
 
 
 def augment(key: jax.Array, x: jax.Array, mask: Optional[jax.Array] = None, *,
@@ -76,10 +77,10 @@ def augment(key: jax.Array, x: jax.Array, mask: Optional[jax.Array] = None, *,
 
   def one(i, image):
     k = jax.random.fold_in(key, i)
-    shift = jax.random.randint(jax.random.fold_in(k, _CROP), (2,), -crop_padding,
+    shift = jax.random.randint(jax.random.fold_in(k, keys.CROP), (2,), -crop_padding,
                                crop_padding + 1)
-    flipped = flip & jax.random.bernoulli(jax.random.fold_in(k, _FLIP))
-    angle = max_angle * jax.random.uniform(jax.random.fold_in(k, _ROTATE),
+    flipped = flip & jax.random.bernoulli(jax.random.fold_in(k, keys.FLIP))
+    angle = max_angle * jax.random.uniform(jax.random.fold_in(k, keys.ROTATE),
                                            minval=-1.0, maxval=1.0)
     return transform(image, angle=angle, flip=flipped, shift=shift,
                      rotate=max_rotation_degrees > 0)

@@ -10,6 +10,7 @@ only need to differ within a level:
                                -> DELTA_NOISE (client-level DP noise on the sum)
                                -> COUNT_NOISE (adaptive clipping's noised count)
   local step key -> AUGMENT (in-graph augmentation of the step's batch)
+                 -> image i -> CROP, FLIP, ROTATE
   host numpy stream for (seed, round) -> COHORT (which hospitals train)
 """
 
@@ -25,6 +26,8 @@ INIT, ROUND = 0, 1
 CLIENTS, DELTA_NOISE, COUNT_NOISE = 0, 1, 2
 # Folded into a local step key (after the draw / gradient split).
 AUGMENT = 2
+# Folded into one image's augmentation key.
+CROP, FLIP, ROTATE = 0, 1, 2
 # Purpose of the host (numpy) cohort stream of a round.
 COHORT = 2
 

@@ -92,13 +92,13 @@ class Setup:
     privacy_plan.check_model(jax.eval_shape(self.init_params, jax.random.key(0)),
                              config.dp.level)
     self.plan = privacy_plan.make_plan(config, fed, self.apply_fn)
-    client_update = client_lib.make_client_update(
+    self.client_update = client_lib.make_client_update(
         self.apply_fn, self.plan.grad_fn, schedule=self.schedule,
         optimizer=config.client.optimizer, mean=fed.mean, std=fed.std,
         sampler=self.plan.sampler, augment_fn=augmentation(config.data))
     mesh = sharding.client_mesh() if self.strategy.devices > 1 else None
     self.block_fn = blocks.make_block_fn(
-        client_update, weighting=self.plan.weighting, chunk=self.strategy.chunk,
+        self.client_update, weighting=self.plan.weighting, chunk=self.strategy.chunk,
         transform=self.plan.transform, mesh=mesh)
     self.put = sharding.client_put(mesh) if mesh is not None else jax.device_put
     self.server_opt = server.server_optimizer(
@@ -170,6 +170,18 @@ def server_step(opt: optax.GradientTransformation, average, state: server.Server
   return state.replace(clip_norm=clip_norm, round=round_index), evaluated
 
 
+def finish_round(setup: Setup, state: server.ServerState, sums: blocks.RoundSums,
+                 round_keys: keys.RoundKeys, hparams: dict,
+                 round_index: int) -> tuple[server.ServerState, PyTree]:
+  """Stages 6-7: privatize the round's sums, step the server; `(state, evaluated params)`."""
+  mean_delta, apply = setup.privatize(sums, round_keys.delta_noise, hparams)
+  clip_norm = state.clip_norm
+  if setup.update_clip_norm is not None:
+    clip_norm = setup.update_clip_norm(sums, round_keys.count_noise, hparams)
+  return setup.server_step(state, mean_delta, apply, clip_norm, hparams,
+                           jnp.int32(round_index))
+
+
 def round_step(setup: Setup, state: server.ServerState,
                round_index: int) -> tuple[server.ServerState, RoundOutput]:
   """Round `round_index` (1-based): every stage, in order. Pure given (setup, state, round)."""
@@ -178,12 +190,7 @@ def round_step(setup: Setup, state: server.ServerState,
   round_keys = keys.round_keys(config.seed, round_index)
   hparams = {**setup.hparams, "clip_norm": state.clip_norm}
   sums = client_updates(setup, state.params, cohort, round_keys.clients, hparams)
-  mean_delta, apply = setup.privatize(sums, round_keys.delta_noise, hparams)
-  clip_norm = state.clip_norm
-  if setup.update_clip_norm is not None:
-    clip_norm = setup.update_clip_norm(sums, round_keys.count_noise, hparams)
-  new_state, model = setup.server_step(state, mean_delta, apply, clip_norm, hparams,
-                                       jnp.int32(round_index))
+  new_state, model = finish_round(setup, state, sums, round_keys, hparams, round_index)
   return new_state, RoundOutput(
       cohort, sampling.participation_mask(config.num_clients, cohort), sums,
       state.clip_norm, model)

@@ -78,7 +78,8 @@ def server_update(opt: optax.GradientTransformation, state: ServerState, mean_de
   updates = jax.tree.map(lambda u: learning_rate * u, updates)
   params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
-  return state.replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state))
+  return state.replace(params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state))
 
 
 def moving_average(average: Optional[optax.GradientTransformation],

@@ -126,8 +126,9 @@ def test_truncated_patient_batches_are_accounted_over_patients(tmp_path):
   setup = simulation.prepare(config)
   assert setup.plan.sampler.max_units == 2
   assert setup.plan.sampler.unit_images == setup.fed.train.max_patient_images
-  setup.plan.ledger.record_round(np.ones(config.num_clients, bool))
-  for k, event in enumerate(setup.plan.ledger.hospital_events()):
+  ledger = setup.plan.new_ledger()
+  ledger.record_round(np.ones(config.num_clients, bool))
+  for k, event in enumerate(ledger.hospital_events()):
     step = event.event.event  # per hospital: rounds(steps(truncated step))
     assert step.truncated_batch_size == 2
     assert step.dataset_size == setup.fed.train.num_patients[k]
