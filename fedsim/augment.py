@@ -45,7 +45,6 @@ import jax.numpy as jnp
 from fedsim import keys
 
 
-
 def augment(key: jax.Array, x: jax.Array, mask: Optional[jax.Array] = None, *,
             crop_padding: int = 2, flip: bool = True,
             max_rotation_degrees: float = 10.0) -> jax.Array:
