@@ -36,7 +36,8 @@ _TRUNCATED = flags.DEFINE_integer("truncated_batch_size", None,
 _DATASET_SIZE = flags.DEFINE_integer("dataset_size", None,
                                      "Privacy units sampled from (with --truncated_batch_size).")
 _PLD_DISCRETIZATION = flags.DEFINE_float("pld_discretization", accountants.PLD_DISCRETIZATION,
-                                         "PLD value discretisation interval.")
+                                         "PLD value discretisation interval (default: "
+                                         "dp-accounting's PLDAccountant default).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: print the per-hospital ledger the run would get.")
 

@@ -1,5 +1,7 @@
 """Tests for privacy/accountants.py: against dp_accounting called directly, and contracts."""
 
+import inspect
+
 import dp_accounting
 import numpy as np
 import pytest
@@ -24,6 +26,48 @@ def test_rdp_epsilon_equals_dp_accounting(q, sigma, steps, delta):
   assert eps == direct_rdp(poisson(q, sigma, steps), delta)
   # Our orders extend dp_accounting's defaults, so never looser than them.
   assert eps <= dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta) + 1e-12
+
+
+def _library_default_pld(event, delta):
+  """dp_accounting's `PLDAccountant()`, default arguments: the number users compare against."""
+  return pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(delta)
+
+
+def test_pld_discretization_is_never_coarser_than_the_librarys_default():
+  default = inspect.signature(pld_privacy_accountant.PLDAccountant).parameters[
+      "value_discretization_interval"].default
+  assert accountants.PLD_DISCRETIZATION <= default
+
+
+@pytest.mark.parametrize("q,sigma,steps,expected", [
+    (0.01, 4.0, 10_000, 0.947),  # Issue 10's example (0.960 at the old 1e-3 interval).
+    (0.01, 10.0, 10_000, 0.343),  # Large noise: the old interval was 8.6 % above the library.
+])
+def test_pld_epsilon_at_the_default_interval_is_the_librarys(q, sigma, steps, expected):
+  """Issue 10, item 4: within 1 % of the library (we build its PLD, so agree to rounding)."""
+  event = events.local_dp_sgd_event(sampling_rate=q, noise_multiplier=sigma, steps=steps)
+  library = _library_default_pld(event, 1e-5)
+  eps = accountants.epsilon(event, 1e-5, "pld")
+  assert eps == pytest.approx(library, rel=1e-9)
+  assert round(eps, 3) == expected
+
+
+def test_truncated_pld_epsilon_at_the_default_interval_is_the_librarys():
+  event = events.local_dp_sgd_event(sampling_rate=0.1, noise_multiplier=3.0, steps=50,
+                                    truncated_batch_size=12, dataset_size=100)
+  library = _library_default_pld(event, 1e-5)
+  assert accountants.epsilon(event, 1e-5, "pld") == pytest.approx(library, rel=1e-9)
+
+
+def test_pld_accountant_leaves_other_events_to_the_library():
+  """A composition mixing a cached step, a plain Gaussian and a no-op event."""
+  event = dpe.ComposedDpEvent([poisson(0.05, 2.0, 30), dpe.GaussianDpEvent(8.0),
+                               dpe.PoissonSampledDpEvent(0.0, dpe.GaussianDpEvent(1.0))])
+  acct = accountants.make_accountant("pld")
+  assert acct.compose(event).get_epsilon(1e-5) == pytest.approx(
+      _library_default_pld(event, 1e-5), rel=1e-9)
+  no_noise = accountants.make_accountant("pld").compose(poisson(0.05, 0.0, 3))
+  assert no_noise.get_epsilon(1e-5) == np.inf
 
 
 @pytest.mark.parametrize("q,sigma,steps", [(0.01, 1.0, 200), (0.2, 1.5, 20)])
@@ -109,7 +153,8 @@ def test_truncated_refused_by_rdp_and_accounted_by_pld():
     accountants.epsilon(event, 1e-5, "rdp")
   eps = accountants.epsilon(event, 1e-5, "pld", pld_discretization=COARSE_PLD)
   assert 0 < eps < np.inf
-  assert eps == direct_pld(event, 1e-5)
+  # The truncated step's replace-one part is built on arrays: the same to rounding.
+  assert eps == pytest.approx(direct_pld(event, 1e-5), rel=1e-9)
 
 
 def test_fixed_size_sampling_is_replace_one_rdp_only():

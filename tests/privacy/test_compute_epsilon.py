@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from dp_accounting.pld import pld_privacy_accountant
 
 from privacy import accountants, compute_epsilon, events, ledger
 
@@ -23,6 +24,17 @@ def test_cli_epsilon_last_line_is_library_value():
   assert out.returncode == 0, out.stderr
   event = events.local_dp_sgd_event(sampling_rate=0.01, noise_multiplier=4.0, steps=10000)
   assert float(out.stdout.strip().splitlines()[-1]) == accountants.epsilon(event, 1e-5)
+
+
+def test_cli_pld_epsilon_is_the_librarys_default_pld():
+  """Issue 10, item 4: the CLI's PLD epsilon is `PLDAccountant()`'s (it printed 0.960)."""
+  out = _run("--sampling_rate=0.01", "--noise_multiplier=4", "--steps=10000", "--delta=1e-5",
+             "--accountant=pld")
+  assert out.returncode == 0, out.stderr
+  event = events.local_dp_sgd_event(sampling_rate=0.01, noise_multiplier=4.0, steps=10000)
+  library = pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(1e-5)
+  assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(library, rel=1e-9)
+  assert "epsilon=0.946999 " in out.stdout
 
 
 def test_cli_target_epsilon_prints_calibrated_sigma():

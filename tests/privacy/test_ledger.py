@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 from dp_accounting import dp_event as dpe
+from dp_accounting.pld import pld_privacy_accountant
 
 from privacy import accountants, events, ledger
 from tests.privacy.conftest import COARSE_PLD, direct_pld, direct_rdp, poisson
@@ -64,6 +65,30 @@ def test_ledger_matches_direct_composition_pld():
     direct = direct_pld(dpe.SelfComposedDpEvent(per_round, int(counts[k])), 1e-5)
     assert eps[k] == pytest.approx(direct, rel=1e-9, abs=0)
   assert eps[4] == 0.0
+
+
+def test_pld_ledger_at_the_default_interval_is_the_librarys():
+  """Issue 10, item 4: hospitals composed over rounds, against `PLDAccountant()` (defaults).
+
+  Hospital 0: Poisson batches, 3 local steps a round; hospital 1: truncated Poisson batches
+  (as in experiments/default.py); hospital 2: large noise (sigma 10). Each sits out some rounds.
+  """
+  per_round = [
+      events.local_dp_sgd_event(sampling_rate=0.05, noise_multiplier=2.0, steps=3),
+      events.local_dp_sgd_event(sampling_rate=0.1, noise_multiplier=3.0, steps=2,
+                                truncated_batch_size=12, dataset_size=100),
+      events.local_dp_sgd_event(sampling_rate=0.01, noise_multiplier=10.0, steps=50),
+  ]
+  record = ledger.PrivacyLedger(per_round, delta=1e-5, accountant="pld", unit="patient")
+  assert record.pld_discretization == 1e-4
+  masks = _masks(8, 3, never=())
+  for mask in masks:
+    record.record_round(mask)
+  assert (record.composition_counts > 0).all()
+  eps = record.epsilons()
+  for k, event in enumerate(record.hospital_events()):
+    library = pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(1e-5)
+    assert eps[k] == pytest.approx(library, rel=1e-9), k
 
 
 def test_ledger_would_exceed_looks_one_round_ahead():
@@ -141,3 +166,17 @@ def test_ledger_json_numbers_are_plain_floats_inf_included():
   assert data["max_epsilon"] == math.inf and type(data["max_epsilon"]) is float
   assert data["history"] == [{"round": 1, "epsilon": data["epsilon"], "max_epsilon": math.inf}]
   assert all(type(e) is float for e in data["epsilon"] + data["history"][0]["epsilon"])
+
+
+def test_pld_ledger_builds_each_step_once():
+  """One-step PLDs are kept per distinct event, not rebuilt (nor taken from the LRU cache)."""
+  record, _, _ = _example_ledger("pld")
+  masks = _masks(2, 6)
+  record.record_round(masks[0])
+  first = record.epsilons()
+  steps = dict(record._steps)
+  assert record.pld_step_bytes > 0
+  record.record_round(masks[1])
+  record.epsilons()
+  assert all(record._steps[u][0] is step for u, (step, _) in steps.items())
+  np.testing.assert_array_equal(first, record._epsilons_at(masks[0].astype(np.int64)))
