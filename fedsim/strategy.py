@@ -5,8 +5,12 @@ on XLA:CPU (jax 0.10, 2 cores, workload W1) vmapping clients whose weights diffe
 makes convolutions batch poorly (per-client cost grows with the chunk) and a
 rolled scan around convolution backward passes is several times slower than a
 Python loop of calls, so each call runs one client with its local steps
-unrolled; on GPU/TPU the whole cohort is one call, vmapped, native convolutions. Every
-choice can be overridden by `engine.*` config fields.
+unrolled. On a GPU (H200, jax 0.11, W1) the whole cohort is one call with native
+convolutions, vmapped up to 1,000 clients at a time: at 100 hospitals the full vmap
+was 1.4-5.3x faster than chunks of 1-10 and 2.8x faster than a Python loop; at
+10,000 hospitals chunks of 1,000 scanned in one call were 1.1x faster than the full
+vmap (and bound memory). TPU takes the GPU default, unmeasured. Every choice can be
+overridden by `engine.*` config fields.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import jax
 # conv, unroll); 0 means "the whole cohort".
 DEFAULTS = {
     "cpu": (1, 1, "xla", 0),  # unroll 0: all local steps (a rolled loop is slow)
-    "gpu": (0, 0, "xla", 1),
-    "tpu": (0, 0, "xla", 1),
+    "gpu": (1000, 0, "xla", 1),
+    "tpu": (1000, 0, "xla", 1),
 }
 
 
@@ -52,6 +56,8 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
   cohort_size = max(1, cohort_size)
   chunk = min(engine_config.client_chunk or chunk or cohort_size, cohort_size)
   block = min(engine_config.client_block or block or cohort_size, cohort_size)
+  if not engine_config.client_chunk:  # a default width is a cap: split the block evenly
+    chunk = -(-block // -(-block // chunk)) if block > chunk else chunk
   block = -(-max(block, chunk) // chunk) * chunk  # a multiple of chunk
   conv = conv if engine_config.conv == "auto" else engine_config.conv
   unroll = min(engine_config.unroll or unroll or num_steps, max(1, num_steps))

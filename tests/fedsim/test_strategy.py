@@ -28,6 +28,14 @@ def test_accelerator_default_whole_cohort_in_one_vmapped_call(backend):
   assert _resolve(backend) == Strategy(chunk=10, block=10, conv="xla", unroll=1, devices=1)
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_accelerator_default_scans_large_cohorts_in_even_chunks_of_at_most_1000(backend):
+  s = _resolve(backend, cohort_size=4321)
+  assert (s.chunk, s.block) == (865, 4325)  # one call, 5 chunks, 4 padded clients
+  s = _resolve(backend, cohort_size=10_000)
+  assert (s.chunk, s.block) == (1000, 10_000)
+
+
 def test_unknown_backend_gets_the_accelerator_default():
   assert _resolve("some_new_backend") == _resolve("gpu")
 
