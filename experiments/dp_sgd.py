@@ -17,6 +17,12 @@ def get_config():
   c = default.get_config()
   c.num_clients = 100
   c.clients_per_round = 10
+  c.eval_every = 10
+  c.data.examples_per_client = 1400
+  c.client.local_steps = 4
+  c.client.batch_size = 200          # expected images per Poisson step
+  c.client.learning_rate = 1.5
+  c.server.optimizer = "fedavg"
   c.data.num_unseen = 5
   c.dp.level = "example"
   c.dp.noise_multiplier = 1.5

@@ -70,6 +70,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.client.local_steps = 3
   c.client.batch_size = 16
   c.client.optimizer = "sgd"
+  c.server.optimizer = "fedavg"
   c.client.learning_rate = 0.1
 
   c.dp.level = "example"           # MedMNIST: one image = one patient

@@ -83,6 +83,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.client.local_steps = 3
   c.client.batch_size = 32         # expected images per Poisson step
   c.client.optimizer = "adam"
+  c.server.optimizer = "fedavg"
   c.client.learning_rate = 1e-3
 
   c.dp.level = "patient"

@@ -58,7 +58,7 @@ def test_launch_rejects_a_bad_field_in_one_line_and_writes_nothing(tmp_path):
        f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1] == (
-      "error: clients_per_round=500 must be <= num_clients=10")
+      "error: clients_per_round=500 must be <= num_clients=100")
   assert not os.path.exists(workdir)
 
 
