@@ -7,8 +7,8 @@ Each round every hospital joins independently with rate q = 0.1 (Poisson, ~50 a
 round), trains locally without noise, clips its update to S = dp.clip_norm; the
 server adds N(0, (sigma S)^2) to the sum once and divides by the expected cohort
 q * 500. Accounted as 100 Poisson-subsampled Gaussian rounds (RDP): epsilon ~5.7
-at delta 1e-5, the same for every hospital. On a 2-core CPU: ~100 s, accuracy 0.59,
-balanced accuracy 0.54, macro AUROC 0.76, unseen hospitals 0.65.
+at delta 1e-5, the same for every hospital. On a 2-core CPU: ~50 s, accuracy 0.88,
+balanced accuracy 0.875, macro AUROC 0.96, unseen hospitals 0.89.
 """
 
 from experiments import default
