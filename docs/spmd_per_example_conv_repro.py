@@ -6,7 +6,7 @@ A vmap over clients (each with its own 3x3 conv weights) of vmap(grad) over each
 client's examples, jitted with the client axis split over 8 (fake CPU) devices by
 automatic partitioning, returns zero gradients for every client not on device 0
 (jax/jaxlib 0.10.2, XLA:CPU). Per-client gradients (no inner vmap) are right, and
-`jax.shard_map` over the same axis is right, which is why fedsim/rounds.py shards
+`jax.shard_map` over the same axis is right, which is why fedsim/blocks.py shards
 the client axis with shard_map. Not yet checked on GPU; worth reporting upstream.
 """
 
