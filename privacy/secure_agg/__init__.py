@@ -1,0 +1,15 @@
+"""Secure aggregation (Bonawitz et al. 2017) emulated with real arithmetic, over hospitals.
+
+Usable without fedsim. The server learns only the modular sum of the hospitals' encoded
+updates; each piece of the protocol is a pure, jittable function over arrays:
+
+* `encoding`: floats -> Z_(2^b) by fixed-point stochastic rounding (unbiased), back by a
+  two's-complement decode, an exact overflow count, and an optional randomised Hadamard
+  rotation that spreads a vector's energy so no coordinate dominates the range.
+* `masking`: pairwise masks that cancel in the sum plus a self-mask per hospital, and the
+  server's corrections for hospitals that dropped before sending.
+* `shamir`: t-of-n secret sharing over GF(2^31 - 1), with which the protocol recovers the
+  seeds the server needs for those corrections.
+
+Not yet wired into `fedsim.aggregation.aggregate` nor into any config.
+"""
