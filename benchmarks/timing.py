@@ -96,14 +96,11 @@ def loop_round_fn(setup: round_lib.Setup) -> Callable[[int], Any]:
   the engine compute the same round); per-client data is on the device before timing.
   """
   config, fed, plan = setup.config, setup.fed, setup.plan
-  client_update = setup.client_update
+  one_client = blocks.client_stages(setup.client_update, plan.transform)
 
   def client_sums(params, data, client_id, clients_key, hparams) -> blocks.RoundSums:
     key = blocks.client_keys(clients_key, client_id[None])[0]
-    delta, metrics = client_update(params, data, key, hparams)
-    if plan.transform is not None:
-      delta, stats = plan.transform(delta, hparams)
-      metrics = {**metrics, **stats}
+    delta, metrics = one_client(params, data, key, hparams)
     weights = aggregation.client_weights(data.count[None], jnp.ones(1, bool), plan.weighting)
     delta_sum = aggregation.aggregate(jax.tree.map(lambda d: d[None], delta), weights)
     return blocks.RoundSums(delta_sum, jnp.sum(weights),

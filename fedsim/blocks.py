@@ -70,6 +70,23 @@ def client_keys(round_key: jax.Array, ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids)
 
 
+def client_stages(client_update: Callable, transform: Optional[Callable] = None) -> Callable:
+  """One client's stages before aggregation: `(params, data, key, hparams) -> (delta, metrics)`.
+
+  The client update, then the optional per-client transform, whose stats join the
+  metrics. The block program vmaps it; the loop benchmark calls it per client.
+  """
+
+  def one_client(params, data, key, hparams):
+    delta, metrics = client_update(params, data, key, hparams)
+    if transform is not None:
+      delta, stats = transform(delta, hparams)
+      metrics = {**metrics, **stats}
+    return delta, metrics
+
+  return one_client
+
+
 def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
                   transform: Optional[Callable] = None,
                   aggregate: Callable = aggregation.aggregate,
@@ -102,12 +119,7 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
   dispatch per block; `block_fn.compiled` is that jitted function).
   """
 
-  def one_client(params, data, key, hparams):
-    delta, metrics = client_update(params, data, key, hparams)
-    if transform is not None:
-      delta, stats = transform(delta, hparams)
-      metrics = {**metrics, **stats}
-    return delta, metrics
+  one_client = client_stages(client_update, transform)
 
   def chunk_sums(params, data, valid, keys, hparams) -> RoundSums:
     deltas, metrics = jax.vmap(one_client, in_axes=(None, 0, 0, None))(
