@@ -34,53 +34,38 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
   """DP-SGD step gradient: clip per unit, sum, noise, divide by expected units.
 
   `patient_slots > 0`: the batch holds patients in slots of that many images
-  (the truncated patient sampler's layout), so each patient is one lane of
-  `vmap(grad)` whatever `method` says (ghost clipping over the slot groups
-  measured slower: 7.7 vs 6.5 s a default round on a 2-core CPU); otherwise
-  patients are found by id anywhere in the batch.
+  (the truncated patient sampler's layout), so a patient is a run of slots
+  (`clipping.clipped_grad_sum(unit_size=...)`, vmap or ghost); otherwise
+  patients are found by id anywhere in the batch. The step's metrics (loss,
+  accuracy) come from the clipping pass's own forward, except on the id-grouped
+  patient path, which runs one more forward for them.
   """
 
   def per_example_loss(params, batch):
     return client_lib.cross_entropy(apply_fn(params, batch["x"]), batch["y"])
 
-  def with_metrics(logits, y, w):
-    """Losses, plus each unit's loss and correct count for the metrics (one forward)."""
-    losses = client_lib.cross_entropy(logits, y)
-    hits = (jnp.argmax(logits, -1) == y) & w
-    return losses, {"loss_sum": jnp.where(w, losses, 0.0), "correct": hits.astype(jnp.float32)}
-
-  def per_patient_loss(params, batch):  # batch leaves [M, slots, ...]
-    m, k = batch["y"].shape
-    logits = apply_fn(params, batch["x"].reshape((m * k,) + batch["x"].shape[2:]))
-    losses, aux = with_metrics(logits, batch["y"].reshape(-1), batch["w"].reshape(-1))
-    per_unit = lambda v: jnp.sum(v.reshape(m, k), axis=1)
-    return per_unit(aux["loss_sum"]), jax.tree.map(per_unit, aux)
-
   def per_example_loss_and_metrics(params, batch):
-    return with_metrics(apply_fn(params, batch["x"]), batch["y"], batch["w"])
+    """Losses, plus each example's masked loss and hit for the metrics (one forward)."""
+    logits = apply_fn(params, batch["x"])
+    losses = client_lib.cross_entropy(logits, batch["y"])
+    hits = (jnp.argmax(logits, -1) == batch["y"]) & batch["w"]
+    return losses, {"loss_sum": jnp.where(batch["w"], losses, 0.0),
+                    "correct": hits.astype(jnp.float32)}
 
   def clipped_sum(params, batch: client_lib.Batch, clip_norm):
     """(clipped grad sum, ClipStats, metric sums or None when a forward is still owed)."""
     microbatch = microbatch_size or None
-    if unit == "patient" and patient_slots:
-      shape = (-1, patient_slots)
-      slots = {"x": batch.x.reshape(shape + batch.x.shape[1:]),
-               "y": batch.y.reshape(shape), "w": batch.mask.reshape(shape)}
-      return clipping.clipped_grad_sum(
-          per_patient_loss, params, slots, jnp.any(slots["w"], axis=1),
-          clip_norm=clip_norm, method="vmap", microbatch_size=microbatch, has_aux=True)
-    if unit == "example" and method == "vmap":
+    if unit == "example" or patient_slots:
       return clipping.clipped_grad_sum(
           per_example_loss_and_metrics, params,
           {"x": batch.x, "y": batch.y, "w": batch.mask}, batch.mask,
-          clip_norm=clip_norm, method="vmap", microbatch_size=microbatch, has_aux=True)
-    patient = unit == "patient"
+          clip_norm=clip_norm, method=method, microbatch_size=microbatch, has_aux=True,
+          unit_size=patient_slots or 1)
     return clipping.clipped_grad_sum(
         per_example_loss, params, {"x": batch.x, "y": batch.y}, batch.mask,
-        clip_norm=clip_norm,
-        groups=batch_groups(batch.patients, batch.mask) if patient else None,
-        num_groups=batch.mask.shape[0] if patient else None,
-        method=method, microbatch_size=microbatch) + (None,)
+        clip_norm=clip_norm, groups=batch_groups(batch.patients, batch.mask),
+        num_groups=batch.mask.shape[0], method=method,
+        microbatch_size=microbatch) + (None,)
 
   def grad_fn(params, batch: client_lib.Batch, key, hparams):
     grad_sum, stats, metrics = clipped_sum(params, batch, hparams["clip_norm"])
@@ -88,7 +73,7 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
         grad_sum, key, clip_norm=hparams["clip_norm"],
         noise_multiplier=hparams["noise_multiplier"],
         expected_batch_size=hparams["expected_units"])
-    if metrics is None:  # ghost / grouped paths: one more forward pass, for metrics only
+    if metrics is None:  # id-grouped patients: one more forward pass, for metrics only
       logits = apply_fn(params, batch.x)
       w = batch.mask.astype(jnp.float32)
       loss_sum = jnp.sum(w * client_lib.cross_entropy(logits, batch.y))

@@ -136,9 +136,11 @@ def _local_plan(config, fed, apply_fn, level) -> PrivacyPlan:
       delta=config.dp.delta, clip_norm=config.dp.clip_norm, population=int(units.max()))
   max_units = config.dp.max_batch_size
   truncated = 0 < max_units < int(units.max())
-  if level == "patient" and config.dp.clipping == "ghost" and config.dp.microbatch_size:
-    raise ValueError("dp.microbatch_size must be 0 with dp.clipping='ghost' and "
-                     "dp.level='patient' (ghost clipping of patients is not microbatched)")
+  if (level == "patient" and not truncated and config.dp.clipping == "ghost"
+      and config.dp.microbatch_size):
+    raise ValueError("dp.microbatch_size must be 0 with dp.clipping='ghost', "
+                     "dp.level='patient' and no dp.max_batch_size (ghost clipping of "
+                     "patients found by id is not microbatched)")
   new_ledger = lambda: ledger_lib.PrivacyLedger.for_local_dp_sgd(
       sampling_rates=rates, steps=steps, noise_multiplier=config.dp.noise_multiplier,
       delta=config.dp.delta, accountant=config.dp.accountant, unit=level,

@@ -226,11 +226,47 @@ def _example_core_vmap(loss_fn, params, batch, valid, clip_norm, has_aux=False):
 
 
 def _example_core_ghost(loss_fn, params, batch, valid, clip_norm, has_aux=False):
-  del has_aux  # refused by clipped_grad_sum
-  terms = ghost.record(loss_fn, params, batch, valid)
+  terms = ghost.record(loss_fn, params, batch, valid, has_aux=has_aux)
   factors, _, counts = _clip_factors(terms.unit_sq_norms, valid,
                                      terms.example_finite, clip_norm)
-  return terms.weighted_grad(factors), counts, {}
+  aux = jax.tree.map(lambda a: jnp.sum(jnp.where(valid, a, 0)), terms.aux or {})
+  return terms.weighted_grad(factors), counts, aux
+
+
+def _unit_loss(loss_fn, has_aux):
+  """Loss of units `(batch [U, k, ...], valid [U, k])` -> per-unit sums `[U]`.
+
+  A unit's loss (and aux) is the sum over its valid examples; padded slots of a
+  unit add exactly nothing.
+  """
+  def unit_loss(params, units):
+    batch, valid = units
+    u, k = valid.shape
+    out = loss_fn(params, jax.tree.map(lambda x: x.reshape((u * k,) + x.shape[2:]), batch))
+    losses, aux = out if has_aux else (out, {})
+    per_unit = lambda a: jnp.sum(jnp.where(valid, a.reshape(u, k), 0), axis=1)
+    losses, aux = per_unit(losses), jax.tree.map(per_unit, aux)
+    return (losses, aux) if has_aux else losses
+  return unit_loss
+
+
+def _unit_core_vmap(loss_fn, params, units, valid, clip_norm, has_aux=False):
+  """`vmap(grad)` over units of `k` slots: `units = (batch [U, k, ...], valid [U, k])`."""
+  return _example_core_vmap(_unit_loss(loss_fn, has_aux), params, units, valid,
+                            clip_norm, has_aux)
+
+
+def _unit_core_ghost(loss_fn, params, units, valid, clip_norm, has_aux=False):
+  """Ghost norms per unit of `k` slots, from one per-example forward and backward."""
+  batch, slot_valid = units
+  u, k = slot_valid.shape
+  flat = jax.tree.map(lambda x: x.reshape((u * k,) + x.shape[2:]), batch)
+  flat_valid = slot_valid.reshape(-1)
+  terms = ghost.record(loss_fn, params, flat, flat_valid, unit_size=k, has_aux=has_aux)
+  factors, _, counts = _clip_factors(terms.unit_sq_norms, valid,
+                                     terms.example_finite, clip_norm)
+  aux = jax.tree.map(lambda a: jnp.sum(jnp.where(flat_valid, a, 0)), terms.aux or {})
+  return terms.weighted_grad(factors), counts, aux
 
 
 def _microbatched(core, params, batch, extras: tuple, fills: tuple,
@@ -316,6 +352,7 @@ def clipped_grad_sum(
     method: str = "vmap",
     microbatch_size: int | None = None,
     has_aux: bool = False,
+    unit_size: int = 1,
 ) -> tuple[PyTree, ClipStats] | tuple[PyTree, ClipStats, PyTree]:
   """Sum over privacy units of gradients clipped to L2 norm `clip_norm`.
 
@@ -340,14 +377,18 @@ def clipped_grad_sum(
     num_groups: static number of patient slots (required with `groups`).
     method: "vmap" (per-example gradients via `vmap(grad)`) or "ghost" (norms
       without per-example gradients, then a book-kept weighted sum).
-    microbatch_size: compute `microbatch_size` examples at a time under
-      `lax.scan` to bound memory (same result). With `groups` and "vmap" a
-      `[num_groups, *params]` accumulator is kept; not supported with
-      `groups` and "ghost".
+    microbatch_size: compute `microbatch_size` examples (units, with
+      `unit_size`) at a time under `lax.scan` to bound memory (same result).
+      With `groups` and "vmap" a `[num_groups, *params]` accumulator is kept;
+      not supported with `groups` and "ghost".
     has_aux: the loss function returns `(losses [M], aux)`, aux a dict of `[M]`
       per-example values (e.g. loss and correctness for metrics, from the same
-      forward pass); their sums over the real units are returned too. Only with
-      method="vmap" and no groups.
+      forward pass); their sums over the real examples are returned too. Not
+      with `groups`.
+    unit_size: the unit is a run of `unit_size` consecutive examples (patient
+      slots: M a multiple of it, the slot's unused examples masked); a unit is
+      real when any of its examples is. Faster than `groups` (no id matching);
+      not combinable with it.
 
   Returns:
     `(grad_sum, stats)`: the clipped sum (pytree like params) and ClipStats;
@@ -371,8 +412,12 @@ def clipped_grad_sum(
       not isinstance(microbatch_size, int) or microbatch_size < 1):
     raise ValueError(f"microbatch_size={microbatch_size} must be an int >= 1")
   valid = mask.astype(bool)
-  if has_aux and (groups is not None or method != "vmap"):
-    raise ValueError("has_aux needs method='vmap' and no groups")
+  if has_aux and groups is not None:
+    raise ValueError("has_aux is not supported with groups")
+  if not isinstance(unit_size, int) or unit_size < 1 or m % unit_size:
+    raise ValueError(f"unit_size={unit_size} must be an int >= 1 dividing M={m}")
+  if unit_size > 1 and groups is not None:
+    raise ValueError("unit_size > 1 and groups are exclusive (two ways to name units)")
   if groups is not None:
     if not isinstance(num_groups, int) or num_groups < 1:
       raise ValueError(f"num_groups={num_groups} must be an int >= 1 "
@@ -394,11 +439,17 @@ def clipped_grad_sum(
                              groups, num_groups, clip_norm, method,
                              microbatch_size)
   else:
-    example_core = {"vmap": _example_core_vmap,
-                    "ghost": _example_core_ghost}[method]
+    if unit_size > 1:
+      unit_core = {"vmap": _unit_core_vmap, "ghost": _unit_core_ghost}[method]
+      slots = valid.reshape(-1, unit_size)
+      batch = (jax.tree.map(lambda x: x.reshape((-1, unit_size) + x.shape[1:]), batch),
+               slots)
+      valid = jnp.any(slots, axis=1)
+    else:
+      unit_core = {"vmap": _example_core_vmap, "ghost": _example_core_ghost}[method]
 
     def core(p, b, v):
-      return example_core(per_example_loss_fn, p, b, v, clip_norm, has_aux)
+      return unit_core(per_example_loss_fn, p, b, v, clip_norm, has_aux)
     if microbatch_size is None:
       total, counts, aux = core(params, batch, valid)
     else:

@@ -67,7 +67,7 @@ def _forward(params: PyTree, batch: PyTree, probes, calls: list[LayerCall],
   """Per-example losses with probes added to every supported layer output.
 
   Returns:
-    `(losses [M], inputs)`, `inputs[k]` the k-th intercepted layer's input.
+    `(loss_fn's output, inputs)`, `inputs[k]` the k-th intercepted layer's input.
   """
   leaf_index = {id(v): i for i, v in enumerate(jax.tree.leaves(params))}
   inputs = []
@@ -104,25 +104,29 @@ class GhostTerms:
   activations or output gradients are zeroed (see `example_finite`).
 
   Attributes:
-    example_finite: bool `[M]`, False where an example's layer inputs or
-      output gradients are not all finite.
+    example_finite: bool `[M]` (`[U]` with `unit_size`), False where an
+      example's (a unit's) layer inputs or output gradients are not all finite.
     unit_sq_norms: float `[U]` (or `[M]` without units) squared gradient norm
       of each unit over all params.
+    aux: the loss function's aux output from the same forward pass (None
+      without `has_aux`).
   """
 
   def __init__(self, leaves: list, treedef, terms: dict,
-               example_finite: jax.Array, unit_sq_norms: jax.Array):
+               example_finite: jax.Array, unit_sq_norms: jax.Array, aux=None):
     self._leaves = leaves
     self._treedef = treedef
     self._terms = terms
     self.example_finite = example_finite
     self.unit_sq_norms = unit_sq_norms
+    self.aux = aux
 
   def weighted_grad(self, weights: jax.Array) -> PyTree:
     """`sum_m weights[m] * grad_m` as a params pytree.
 
     Args:
-      weights: `[M]` float, zero for examples that must not contribute.
+      weights: `[M]` float (`[U]`, one per unit, with `unit_size`), zero for
+        examples that must not contribute.
 
     Returns:
       A pytree shaped like params.
@@ -189,19 +193,41 @@ def _gram_sq(a: jax.Array, g: jax.Array, segment_ids, num_units) -> jax.Array:
   return jnp.einsum("iu,ij,ju->u", onehot, pair, onehot, precision=_HIGHEST)
 
 
+def _to_units(term: tuple, unit_size: int) -> tuple:
+  """An example-level term as a unit-level one: units are runs of `unit_size` examples.
+
+  A unit's gradient is the sum of its examples': tokens concatenate (`[U, k T, K]`),
+  vectors add (`[U, P]`).
+  """
+  def units(x):
+    return x.reshape((x.shape[0] // unit_size, -1) + x.shape[2:])
+  if term[0] == "tokens":
+    return ("tokens", units(term[1]), units(term[2]), term[3])
+  v = term[1]
+  return ("vec", v.reshape((v.shape[0] // unit_size, unit_size) + v.shape[1:]).sum(1),
+          term[2])
+
+
 def record(loss_fn: LossFn, params: PyTree, batch: PyTree, valid: jax.Array,
            segment_ids: jax.Array | None = None,
-           num_units: int | None = None) -> GhostTerms:
+           num_units: int | None = None, *, unit_size: int = 1,
+           has_aux: bool = False) -> GhostTerms:
   """One forward and one activation-only backward pass, book-kept per layer.
 
   Args:
-    loss_fn: `(params, batch) -> [M]` per-example losses (see module doc).
+    loss_fn: `(params, batch) -> [M]` per-example losses (see module doc), or
+      `(losses [M], aux)` with `has_aux`.
     params: the params pytree `loss_fn` takes.
     batch: pytree of `[M, ...]` arrays (invalid examples already zeroed).
     valid: bool `[M]`; invalid examples get zero output gradients.
     segment_ids: optional int `[M]` unit of each example (`num_units` for
       none); without it every example is its own unit.
     num_units: static number of units U (with `segment_ids`).
+    unit_size: units are consecutive runs of this many examples (patient
+      slots; `M` a multiple of it): norms, finiteness and the weighted sum are
+      per unit, as cheap as per example. Not with `segment_ids`.
+    has_aux: keep the loss function's aux (e.g. metrics from this forward pass)
+      as `GhostTerms.aux`.
 
   Returns:
     The GhostTerms of this batch.
@@ -218,8 +244,10 @@ def record(loss_fn: LossFn, params: PyTree, batch: PyTree, valid: jax.Array,
   calls.clear()
 
   def fwd(p, pr):
-    return _forward(p, batch, pr, calls, [], loss_fn)
-  losses, vjp_fn, inputs = jax.vjp(fwd, params, probes, has_aux=True)
+    out, inputs = _forward(p, batch, pr, calls, [], loss_fn)
+    losses, aux = out if has_aux else (out, None)
+    return losses, (inputs, aux)
+  losses, vjp_fn, (inputs, aux) = jax.vjp(fwd, params, probes, has_aux=True)
   if len(calls) != len(probes):
     raise ValueError("per_example_loss_fn must call the same layers each time")
   _, gouts = vjp_fn(valid.astype(losses.dtype))
@@ -235,8 +263,11 @@ def record(loss_fn: LossFn, params: PyTree, batch: PyTree, valid: jax.Array,
 
   leaves, treedef = jax.tree.flatten(params)
   terms = ghost_layers.layer_terms(calls, inputs, gouts, finite, leaves)
+  if unit_size > 1:
+    terms = {idx: _to_units(term, unit_size) for idx, term in terms.items()}
+    finite = jnp.all(finite.reshape(-1, unit_size), axis=1)
   terms, sq_norms = _finalize(terms, segment_ids, num_units)
-  return GhostTerms(leaves, treedef, terms, finite, sq_norms)
+  return GhostTerms(leaves, treedef, terms, finite, sq_norms, aux)
 
 
 def _check_coverage(params: PyTree, calls: list[LayerCall]):

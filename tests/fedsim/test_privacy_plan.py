@@ -116,3 +116,30 @@ def test_one_setup_serves_several_runs_with_fresh_ledgers(tmp_path, tiny_fed):
   assert first["epsilon"] == second["epsilon"] > 0
   assert first["accuracy"] == second["accuracy"]
   assert setup.plan.new_ledger().rounds_recorded == 0
+
+
+def test_clipping_path_changes_neither_the_event_nor_the_update(tiny_fed):
+  """dp.clipping is an optimisation: same DpEvents, same client update (float tolerance).
+
+  With a truncated gather the patient level runs in slots (`unit_size`), the path the
+  default takes (examples: tests/privacy/test_clipping.py).
+  """
+  level, gather = "patient", 3
+  setups = {clip: round.Setup(dp_config(level, clipping=clip, max_batch_size=gather,
+                                        accountant="pld"),
+                              tiny_fed) for clip in ("vmap", "ghost")}
+  ledgers = {clip: s.plan.new_ledger() for clip, s in setups.items()}
+  for ledger in ledgers.values():
+    ledger.record_round(np.ones(tiny_fed.num_clients, bool))
+  assert ledgers["vmap"].hospital_events() == ledgers["ghost"].hospital_events()
+  assert setups["ghost"].plan.sampler == setups["vmap"].plan.sampler
+  assert setups["ghost"].plan.sampler.max_units == gather
+  data = jax.tree.map(lambda a: jnp.asarray(a[0]), blocks.client_data(tiny_fed.train))
+  params = setups["vmap"].init_params(jax.random.key(0))
+  out = {clip: jax.jit(s.client_update)(params, data, jax.random.key(1), s.hparams)
+         for clip, s in setups.items()}
+  for a, b in zip(jax.tree.leaves(out["vmap"][0]), jax.tree.leaves(out["ghost"][0])):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  assert np.abs(jax.tree.leaves(out["vmap"][0])[0]).max() > 0
+  for k in ("loss_sum", "correct", "num_units", "num_clipped"):
+    np.testing.assert_allclose(out["vmap"][1][k], out["ghost"][1][k], rtol=1e-4)

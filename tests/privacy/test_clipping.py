@@ -350,6 +350,66 @@ def test_vmapped_over_hospitals_matches_each_hospital(method):
                         rtol=1e-5)
 
 
+SLOT = 2  # patient slots: units are runs of SLOT examples
+SLOT_MASK = np.array([1, 1, 1, 0, 0, 0, 0, 1], bool)  # full, half, empty, half
+
+
+def _loss_and_metrics(model):
+  """Per-example losses plus `[M]` aux values (for has_aux)."""
+  loss_fn = _loss_fn(model)
+
+  def fn(params, batch):
+    losses = loss_fn(params, batch)
+    return losses, {"loss": losses, "one": jnp.ones_like(losses)}
+  return fn
+
+
+@functools.cache
+def _slotted(method: str, microbatch_size: int | None):
+  model = _setup("patches")[0]
+
+  def fn(params, batch, mask, clip_norm):
+    return clipping.clipped_grad_sum(
+        _loss_and_metrics(model), params, batch, mask, clip_norm=clip_norm,
+        method=method, microbatch_size=microbatch_size, has_aux=True, unit_size=SLOT)
+  return jax.jit(fn)
+
+
+@pytest.mark.parametrize("method,microbatch_size",
+                         [("vmap", None), ("ghost", None), ("ghost", 3)])
+def test_unit_slots_match_python_loop_reference(method, microbatch_size):
+  """Runs of SLOT examples are one unit; masked slots and empty units add nothing."""
+  slots = np.arange(M) // SLOT
+  clip = _median_clip("patches", slots.astype(np.int32))
+  want, norms = _reference("patches", SLOT_MASK, clip, slots)
+  _, params, batch = _setup("patches")
+  x = np.array(batch["x"])
+  x[~SLOT_MASK] = np.nan  # padded slots' content must not matter
+  got, stats, aux = _slotted(method, microbatch_size)(
+      params, {"x": x, "y": batch["y"]}, SLOT_MASK, clip)
+  _assert_trees_close(got, want)
+  assert int(stats.num_units) == len(norms) == 3
+  assert int(stats.num_clipped) == int(np.sum(norms > clip))
+  assert 0 < int(stats.num_clipped) < len(norms)
+  np.testing.assert_allclose(float(stats.mean_norm), norms.mean(), rtol=1e-4)
+  # aux sums run over the real examples, from the clipping pass's own forward
+  losses = _loss_fn(_setup("patches")[0])(params, batch)
+  np.testing.assert_allclose(float(aux["loss"]), float(np.sum(np.where(
+      SLOT_MASK, losses, 0))), rtol=1e-5)
+  assert float(aux["one"]) == SLOT_MASK.sum()
+
+
+@pytest.mark.parametrize("method", ["vmap", "ghost"])
+def test_example_aux_comes_from_the_same_pass(method):
+  model, params, batch = _setup("patches")
+  got, _, aux = jax.jit(lambda p, b: clipping.clipped_grad_sum(
+      _loss_and_metrics(model), p, b, MASK, clip_norm=0.7, method=method,
+      has_aux=True))(params, batch)
+  want, _ = _clipped("patches", method)(params, batch, MASK, GROUPS, 0.7)
+  _assert_trees_close(got, want, rtol=1e-5)
+  assert float(aux["one"]) == MASK.sum()
+
+
 class _NormNet(nn.Module):
   """Odd convs, GroupNorm, LayerNorm and a Dense layer used twice."""
 
@@ -382,7 +442,9 @@ def test_ghost_supports_groupnorm_layernorm_and_shared_layers(monkeypatch):
                                       **kw),
             clipping.clipped_grad_sum(_loss_fn(model), params, batch, MASK,
                                       groups=GROUPS, num_groups=NUM_GROUPS,
-                                      **kw))
+                                      **kw),
+            clipping.clipped_grad_sum(_loss_fn(model), params, batch, SLOT_MASK,
+                                      unit_size=SLOT, **{**kw, "clip_norm": 2.75}))
   want, got = both(params, "vmap"), both(params, "ghost")
   for (w, w_stats), (g, g_stats) in zip(want, got):
     _assert_trees_close(g, w, atol=1e-5)
@@ -420,6 +482,11 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="num_groups"):
     clipping.clipped_grad_sum(loss_fn, params, batch, MASK, clip_norm=1.0,
                               groups=GROUPS)
+  with pytest.raises(ValueError, match="unit_size=3"):
+    clipping.clipped_grad_sum(loss_fn, params, batch, MASK, clip_norm=1.0, unit_size=3)
+  with pytest.raises(ValueError, match="exclusive"):
+    clipping.clipped_grad_sum(loss_fn, params, batch, MASK, clip_norm=1.0,
+                              groups=GROUPS, num_groups=NUM_GROUPS, unit_size=2)
 
 
 def test_fedsim_registers_its_patch_conv_for_ghost_clipping():

@@ -1,0 +1,78 @@
+"""What privacy costs the default run: its round with and without DP-SGD, in one process.
+
+  python -m benchmarks.default_dp_overhead                    # experiments/default.py
+  python -m benchmarks.default_dp_overhead --clipping=vmap,ghost --reps=5
+
+Rows (each a `round.Setup` built from experiments/default.py, the federation generated
+once): `none` (dp.level='none', the same federation, cohort and local steps without
+privacy), `patient_{clipping}` (the default: patient-level DP-SGD, truncated Poisson
+gather in patient slots) and `example_{clipping}` (example-level DP-SGD over the same
+images, gather of `--example_gather` images). Round seconds are `round.round_step` (no
+accounting, evaluation or writing), the minimum of `--reps` rounds after one warm-up.
+Writes a JSON with the ratios to `none` (benchmarks/results/default_dp_overhead_<backend>.json).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+import jax
+
+from benchmarks import report, timing, workload
+from experiments import default as default_experiment
+from fedsim import config as config_lib
+from fedsim import io
+from fedsim import round as round_lib
+from fedsim.data import make_federated_data
+
+_CLIPPING = flags.DEFINE_list("clipping", ["vmap", "ghost"], "dp.clipping values to time.")
+_REPS = flags.DEFINE_integer("reps", 3, "Timed rounds per row, after one warm-up.")
+_EXAMPLE_GATHER = flags.DEFINE_integer(
+    "example_gather", 160, "dp.max_batch_size of the example-level rows (images); the "
+    "default's patient gather is 64 patients in slots of the largest patient's images.")
+_OUT = flags.DEFINE_string("out", "", "JSON path (default benchmarks/results/...).")
+
+
+def _setup(fed, **dp) -> round_lib.Setup:
+  config = default_experiment.get_config()
+  for field, value in dp.items():
+    config.dp[field] = value
+  config_lib.validate(config)
+  return round_lib.Setup(config, fed)
+
+
+def main(argv):
+  del argv
+  timing.listen_for_compiles()
+  fed = make_federated_data(default_experiment.get_config())
+  s = workload.Settings(  # only the timing fields are read by timing.time_rounds
+      hospitals=0, examples=0, image_size=0, classes=0, batch_size=0, epochs=0, lr=0.0,
+      chunks=(), convs=(), unroll=0, reps=_REPS.value, warmup=1, stat="min",
+      central_batches=(), dp_clipping=(), noise_multiplier=0.0, clip_norm=0.0,
+      dp_max_batch_size=0, dp_microbatch_size=0, memory_sizes=(), memory_chunk=0,
+      patterns=(), quick=False, seed=0)
+  rows = {"none": dict(level="none")}
+  for clip in _CLIPPING.value:
+    rows[f"patient_{clip}"] = dict(clipping=clip)
+    rows[f"example_{clip}"] = dict(level="example", clipping=clip,
+                                   max_batch_size=_EXAMPLE_GATHER.value)
+  results = {}
+  for name, dp in rows.items():
+    start = time.perf_counter()
+    results[name] = timing.time_rounds(timing.engine_round_fn(_setup(fed, **dp)), s)
+    report.log(f"{name}: round {results[name]['round_s']:.3f} s "
+               f"({time.perf_counter() - start:.0f} s)")
+  base = results["none"]["round_s"]
+  ratios = {f"{k}_over_none": v["round_s"] / base for k, v in results.items() if k != "none"}
+  data = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+          "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+          "versions": io.versions(), "rows": results, "ratios": ratios}
+  out = _OUT.value or f"benchmarks/results/default_dp_overhead_{jax.default_backend()}.json"
+  io.write_json_atomic(out, data)
+  report.log("\n".join(f"{k}: {v:.2f}x" for k, v in ratios.items()) + f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
