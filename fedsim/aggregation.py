@@ -4,14 +4,23 @@ Every step of it lives here: the weight of each client, the weighted sum over a
 chunk of clients (`aggregate`, the one seam where secure aggregation plugs in),
 and the division by the total weight (`weighted_mean`). Padded clients carry
 weight 0 and contribute exactly zero, even when their delta is not finite.
+With `secure_agg.enabled` the chunk sum is `SecureAggregation.aggregate` (masked
+fixed-point encodings, summed modularly) and the round's sum is unmasked and
+decoded by `SecureAggregation.finish` before the mean.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import flatten_util
+
+from fedsim import keys, sampling
+from privacy.secure_agg import encoding, protocol
 
 PyTree = Any
 WEIGHTINGS = ("examples", "uniform")
@@ -56,3 +65,116 @@ def weighted_mean(delta_sum: PyTree, weight_sum: jax.Array) -> tuple[PyTree, jax
   has_clients = weight_sum > 0
   safe = jnp.where(has_clients, weight_sum, 1.0)
   return jax.tree.map(lambda d: d / safe, delta_sum), has_clients
+
+
+class SecureRound(NamedTuple):
+  """One round's secure-aggregation setup (`SecureAggregation.begin_round`)."""
+
+  plan: protocol.RoundPlan
+  secrets: protocol.RoundSecrets
+  inputs: protocol.ClientInputs  # per cohort slot
+  rotation: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureAggregation:
+  """`secure_agg.enabled`: the chunk sum is the hospitals' masked encodings
+  (privacy/secure_agg/protocol.py); the server unmasks and decodes the round's modular
+  sum before the mean (`finish`). Built by `secure_aggregation`."""
+
+  spec: protocol.Spec
+  unravel: Callable          # flat [D] -> the delta pytree
+  seed: int
+  block: int                 # cohort slots per block
+  cohort_bound: int          # cohort size planned for (fixed, or Poisson E + 3 std)
+  neighbours: int
+  threshold: int             # 0: a majority of each neighbourhood
+  dropout_before: float
+  dropout_after: float
+  noise_multiplier: float    # > 0: distributed noise replaces the server's (DP-FedAvg's z)
+
+  def aggregate(self, deltas: PyTree, weights: jax.Array,
+                inputs: protocol.ClientInputs) -> protocol.SecureSums:
+    """The chunk's sums (`make_block_fn`'s aggregate): masked, exact and plain."""
+    return protocol.chunk_sums(self.spec, deltas, weights, inputs)
+
+  def round_threshold(self, n: int) -> int:
+    """t for a cohort of n: `secure_agg.threshold`, or a majority of a neighbourhood."""
+    if self.threshold:
+      return self.threshold
+    return min(n, self.neighbours + 1 if self.neighbours else n) // 2 + 1
+
+  def begin_round(self, cohort: np.ndarray, round_index: int) -> SecureRound:
+    """Graph, dropouts, secrets and shares of round `round_index` (fails loudly if the
+    survivors cannot unmask it: `protocol.SecureAggregationError`)."""
+    n = len(cohort)  # slots: whole blocks, at least the planned cohort's (shapes stay put)
+    capacity = max(1, -(-n // self.block), -(-self.cohort_bound // self.block)) * self.block
+    threshold = self.round_threshold(n)
+    plan = protocol.plan_round(
+        sampling.round_rng(self.seed, round_index, keys.DROPOUTS), n=n, capacity=capacity,
+        neighbours=self.neighbours, threshold=threshold, dropout_before=self.dropout_before,
+        dropout_after=self.dropout_after, round_index=round_index)
+    key = keys.secure_agg_key(self.seed, round_index)
+    ids = jnp.asarray(np.concatenate([cohort, np.zeros(capacity - n, cohort.dtype)]))
+    hospital_keys = jax.vmap(jax.random.fold_in, (None, 0))(
+        jax.random.fold_in(key, keys.HOSPITALS), ids)
+    secrets = protocol.deal(jax.random.key_data(hospital_keys), jnp.int32(threshold),
+                            holders=plan.graph.neighbours.shape[1] + 1)
+    rotation = jax.random.fold_in(key, keys.ROTATION)
+    return SecureRound(plan, secrets, protocol.client_inputs(self.spec, plan, secrets, rotation),
+                       rotation)
+
+  def block_inputs(self, secure: SecureRound, index: int, valid: np.ndarray):
+    """Block `index`'s `(inputs, valid)`: its slots, and only hospitals that sent count."""
+    slots = slice(index * self.block, (index + 1) * self.block)
+    return (jax.tree.map(lambda a: a[slots], secure.inputs),
+            valid & secure.plan.sent[slots])
+
+  def finish(self, sums, secure: SecureRound):
+    """The server's step: `(sums with the decoded float delta sum, round stats)`."""
+    plan = secure.plan
+    total = protocol.unmask(
+        self.spec.bits, sums.delta_sum.masked, secure.secrets, jnp.asarray(plan.graph.neighbours),
+        jnp.asarray(plan.graph.valid), jnp.arange(plan.sent.shape[0]) < plan.n,
+        jnp.asarray(plan.sent), jnp.asarray(plan.alive), jnp.int32(plan.threshold))
+    decoded = protocol.decode(self.spec, total, secure.rotation)
+    stats = {**protocol.report(self.spec, sums.delta_sum, decoded), **plan.stats()}
+    if self.noise_multiplier:  # what the other senders' noise amounts to (>= the charged z)
+      senders = int(plan.sent.sum())
+      stats["secagg_noise_multiplier"] = self.noise_multiplier * float(
+          np.sqrt(max(senders - 1, 0) / (plan.threshold - 1)))
+    return sums._replace(delta_sum=self.unravel(decoded)), stats
+
+
+def secure_aggregation(config, params: PyTree, *, block: int, cohort_bound: int,
+                       max_weight: float) -> SecureAggregation:
+  """The `config.secure_agg` mechanism for updates shaped like `params` (validated config).
+
+  The encoding range: each delta is clipped to `secure_agg.clip_norm` (0: `dp.clip_norm`,
+  which DP-FedAvg already clipped to) and multiplied by its weight (<= `max_weight`);
+  `secure_agg.scale = 0` takes the largest scale at which `cohort_bound` such updates
+  (and their distributed noise) cannot overflow (`protocol.range_scale`).
+  With `secure_agg.distributed_noise`, each sender adds the share of DP-FedAvg's noise that
+  makes any t - 1 senders' noise the accounted N(0, (z D)^2) (`protocol.distributed_noise`);
+  the server then adds none.
+  """
+  sa = config.secure_agg
+  flat, unravel = flatten_util.ravel_pytree(
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+  clip_norm = sa.clip_norm or config.dp.clip_norm
+  padded = encoding.padded_size(flat.shape[0]) if sa.rotate else flat.shape[0]
+  z = config.dp.noise_multiplier if sa.distributed_noise != "none" else 0.0
+  scale = sa.scale or protocol.range_scale(
+      bits=sa.bits, hospitals=cohort_bound, weight=max_weight, clip_norm=clip_norm,
+      padded=padded, noise_multiplier=z, threshold=sa.threshold)
+  if z and not sa.scale:  # no finer than the noise (its shares stay within int32 draws)
+    scale = min(scale, protocol.noise_scale_cap(
+        noise_multiplier=z, clip_norm=clip_norm, padded=padded, threshold=sa.threshold))
+  stddev = protocol.distributed_noise(
+      noise_multiplier=z, clip_norm=clip_norm, scale=scale, padded=padded,
+      threshold=sa.threshold) if z else 0.0
+  spec = protocol.Spec(bits=sa.bits, scale=float(scale), clip_norm=float(clip_norm),
+                       rotate=sa.rotate, size=flat.shape[0], noise=sa.distributed_noise,
+                       noise_stddev=stddev)
+  return SecureAggregation(spec, unravel, config.seed, block, cohort_bound, sa.neighbours,
+                           sa.threshold, sa.dropout_before, sa.dropout_after, z)

@@ -106,7 +106,8 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
     transform: optional per-client `(delta, hparams) -> (delta, stats)` before
       aggregation (client-level DP clips here); its stats join the metrics.
     aggregate: `(deltas [chunk, ...], weights [chunk]) -> chunk sum`; chunk sums
-      add up over the block and the round.
+      add up over the block and the round. When `block_fn` is given per-client
+      `inputs` (secure aggregation), `(deltas, weights, inputs [chunk]) -> sums`.
     mesh: a 1-D `sharding.AXIS` mesh to split the block's clients over
       (`jax.shard_map`: each device runs `chunk / devices` clients, the sums
       are `psum`-ed). Manual partitioning, not GSPMD: XLA's automatic
@@ -114,35 +115,38 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
       one device (jax 0.10.2, XLA:CPU; docs/spmd_per_example_conv_repro.py).
 
   `data` is a `ClientData` with a leading block axis `[b, ...]`, `valid` bool
-  `[b]` marks real clients (padded ones contribute exactly zero), `keys` `[b]`.
+  `[b]` marks real clients (padded ones contribute exactly zero), `keys` `[b]`,
+  `inputs` None or a pytree of `[b, ...]` leaves handed to `aggregate`.
   The running `total` over a round's blocks is added in the same jitted call (one
   dispatch per block; `block_fn.compiled` is that jitted function).
   """
 
   one_client = client_stages(client_update, transform)
 
-  def chunk_sums(params, data, valid, keys, hparams) -> RoundSums:
+  def chunk_sums(params, hparams, data, valid, keys, inputs) -> RoundSums:
     deltas, metrics = jax.vmap(one_client, in_axes=(None, 0, 0, None))(
         params, data, keys, hparams)
     weights = aggregation.client_weights(data.count, valid, weighting)
     metrics = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in metrics.items()}
     metrics["clients"] = jnp.sum(valid.astype(jnp.float32))
-    return RoundSums(aggregate(deltas, weights), jnp.sum(weights), metrics)
+    delta_sum = aggregate(deltas, weights) if inputs is None else aggregate(
+        deltas, weights, inputs)
+    return RoundSums(delta_sum, jnp.sum(weights), metrics)
 
   local_chunk = chunk // mesh.size if mesh is not None else chunk
 
-  def local_block_sums(params, data: ClientData, valid, keys, hparams) -> RoundSums:
+  def local_block_sums(params, data: ClientData, valid, keys, hparams, inputs) -> RoundSums:
     split = lambda a: a.reshape((-1, local_chunk) + a.shape[1:])
-    chunks = jax.tree.map(split, (data, valid, keys))
+    chunks = jax.tree.map(split, (data, valid, keys, inputs))
+    first = jax.tree.map(lambda a: a[0], chunks)
     if chunks[1].shape[0] == 1:
-      return chunk_sums(params, *jax.tree.map(lambda a: a[0], chunks), hparams)
+      return chunk_sums(params, hparams, *first)
 
     def body(total, xs):
-      result = chunk_sums(params, *xs, hparams)
+      result = chunk_sums(params, hparams, *xs)
       return jax.tree.map(jnp.add, total, result), None
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        chunk_sums, params, *jax.tree.map(lambda a: a[0], chunks), hparams))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(chunk_sums, params, hparams, *first))
     return jax.lax.scan(body, zeros, chunks)[0]
 
   if mesh is None:
@@ -151,20 +155,21 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
     spec, split_clients = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(AXIS)
     block_sums = jax.shard_map(
         lambda *args: jax.lax.psum(local_block_sums(*args), AXIS), mesh=mesh,
-        in_specs=(spec, split_clients, split_clients, split_clients, spec), out_specs=spec,
+        in_specs=(spec, split_clients, split_clients, split_clients, spec, split_clients),
+        out_specs=spec,
         check_vma=False)  # local steps make replicated params per-client (varying) carries
 
   @jax.jit
-  def accumulate(total, params, data, valid, keys, hparams) -> RoundSums:
-    return jax.tree.map(jnp.add, total, block_sums(params, data, valid, keys, hparams))
+  def accumulate(total, params, data, valid, keys, hparams, inputs=None) -> RoundSums:
+    return jax.tree.map(jnp.add, total, block_sums(params, data, valid, keys, hparams, inputs))
 
   def block_fn(params, data: ClientData, valid, keys, hparams,
-               total: Optional[RoundSums] = None) -> RoundSums:
+               total: Optional[RoundSums] = None, inputs=None) -> RoundSums:
     """`total` + this block's sums, in one call (zeros when `total` is None)."""
     if total is None:
       total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-          block_sums, params, data, valid, keys, hparams))
-    return accumulate(total, params, data, valid, keys, hparams)
+          block_sums, params, data, valid, keys, hparams, inputs))
+    return accumulate(total, params, data, valid, keys, hparams, inputs)
 
   block_fn.compiled = accumulate
   return block_fn

@@ -10,6 +10,8 @@ updates; each piece of the protocol is a pure, jittable function over arrays:
   server's corrections for hospitals that dropped before sending.
 * `shamir`: t-of-n secret sharing over GF(2^31 - 1), with which the protocol recovers the
   seeds the server needs for those corrections.
-
-Not yet wired into `fedsim.aggregation.aggregate` nor into any config.
+* `graph`: who masks with whom: the complete graph, or SecAgg+'s random k-regular graph.
+* `protocol`: one round put together (setup, hospitals' masked inputs in chunks, the
+  server's unmasking from Shamir shares, dropouts, distributed DP noise), as the compiled
+  round runs it (`fedsim.aggregation.SecureAggregation`, config section `secure_agg`).
 """

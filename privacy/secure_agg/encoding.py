@@ -111,16 +111,6 @@ def decode(total: jax.Array, *, scale: float, bits: int) -> jax.Array:
   return signed.astype(jnp.float32) / scale
 
 
-def _exact_sum(q: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Exact sum over axis 0 of int32 `[n, ...]` as (high, low16): sum = high * 2^16 + low16.
-
-  Summing 16-bit halves separately cannot overflow int32 for n < 2^15 hospitals.
-  """
-  high = jnp.sum(jnp.right_shift(q, 16), axis=0, dtype=jnp.int32)
-  low = jnp.sum(q & 0xFFFF, axis=0, dtype=jnp.int32)
-  return high + jnp.right_shift(low, 16), low & 0xFFFF
-
-
 def overflow_count(q: jax.Array, *, bits: int) -> jax.Array:
   """Coordinates whose true integer sum over hospitals leaves [-2^(b-1), 2^(b-1)).
 
@@ -134,8 +124,21 @@ def overflow_count(q: jax.Array, *, bits: int) -> jax.Array:
   Returns:
     int32 scalar count.
   """
+  return overflow_from_parts(*exact_sum_parts(q), bits=bits)
+
+
+def exact_sum_parts(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Additive parts of the exact sum over axis 0 of int32 `[n, ...]`: (sum of q >> 16, sum of
+  q & 0xFFFF). Parts of disjoint groups add up (chunks of a round) while the total count of
+  hospitals stays below 2^15; `overflow_from_parts` reads them."""
+  return (jnp.sum(jnp.right_shift(q, 16), axis=0, dtype=jnp.int32),
+          jnp.sum(q & 0xFFFF, axis=0, dtype=jnp.int32))
+
+
+def overflow_from_parts(high: jax.Array, low: jax.Array, *, bits: int) -> jax.Array:
+  """`overflow_count` from summed `exact_sum_parts` (low need not be below 2^16)."""
   check_bits(bits)
-  high, low = _exact_sum(q)
+  high, low = high + jnp.right_shift(low, 16), low & 0xFFFF
   # -2^(b-1) = lo_h * 2^16 + lo_l and 2^(b-1) = hi_h * 2^16 + hi_l, with 0 <= *_l < 2^16.
   lo_h, lo_l = (-(1 << (bits - 1))) >> 16, (-(1 << (bits - 1))) & 0xFFFF
   hi_h, hi_l = (1 << (bits - 1)) >> 16, (1 << (bits - 1)) & 0xFFFF

@@ -59,12 +59,15 @@ def mul_mod(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def pow_mod(a: jax.Array, exponent: int) -> jax.Array:
-  """a^exponent mod p by square-and-multiply over the exponent's (static) bits."""
-  result, base = jnp.ones_like(a, jnp.uint32), a.astype(jnp.uint32)
-  for bit in reversed(range(exponent.bit_length())):
+  """a^exponent mod p by square-and-multiply, scanned over the exponent's (static) bits."""
+  bits = jnp.array([(exponent >> b) & 1 for b in reversed(range(exponent.bit_length()))], bool)
+  base = a.astype(jnp.uint32)
+
+  def step(result, bit):
     result = mul_mod(result, result)
-    if (exponent >> bit) & 1:
-      result = mul_mod(result, base)
+    return jnp.where(bit, mul_mod(result, base), result), None
+
+  result, _ = jax.lax.scan(step, jnp.ones_like(base), bits)
   return result
 
 
@@ -92,9 +95,25 @@ def share(key: jax.Array, secrets: jax.Array, *, n: int, t: int) -> jax.Array:
     uint32 `[n, m]`: row k holds the shares for party x = k + 1.
   """
   check_threshold(n, t)
-  secrets = secrets.astype(jnp.uint32)
   coeffs = jax.random.randint(key, (t - 1, secrets.shape[0]), 0, PRIME, jnp.int32)
-  coeffs = jnp.concatenate([secrets[None], coeffs.astype(jnp.uint32)])  # [t, m], c_0 = secret
+  return _evaluate(secrets, coeffs.astype(jnp.uint32), n)
+
+
+def share_traced(key: jax.Array, secrets: jax.Array, *, n: int, t: jax.Array) -> jax.Array:
+  """`share` with a traced threshold 1 <= t <= n (one compilation for every t).
+
+  Draws n - 1 coefficients and zeroes those of degree >= t, so the polynomial has degree
+  t - 1 as in `share`.
+  """
+  check_threshold(n, 1)
+  coeffs = jax.random.randint(key, (n - 1, secrets.shape[0]), 0, PRIME, jnp.int32)
+  degree = jnp.arange(1, n)[:, None]
+  return _evaluate(secrets, jnp.where(degree < t, coeffs.astype(jnp.uint32), jnp.uint32(0)), n)
+
+
+def _evaluate(secrets: jax.Array, coeffs: jax.Array, n: int) -> jax.Array:
+  """Values at x = 1..n of the polynomials secret + coeffs[0] x + ...: uint32 `[n, m]`."""
+  coeffs = jnp.concatenate([secrets.astype(jnp.uint32)[None], coeffs])  # c_0 = secret
   xs = jnp.arange(1, n + 1, dtype=jnp.uint32)[:, None]  # [n, 1]
 
   def horner(acc, c):
@@ -125,14 +144,20 @@ def reconstruct(xs: jax.Array, shares: jax.Array) -> jax.Array:
   Returns:
     uint32 `[m]` in [0, p).
   """
+  return reconstruct_subset(xs, shares, jnp.ones(xs.shape, bool))
+
+
+def reconstruct_subset(xs: jax.Array, shares: jax.Array, use: jax.Array) -> jax.Array:
+  """`reconstruct` from the shares with `use[k]` only (bool `[k]`; fixed shapes, any subset)."""
   xs = xs.astype(jnp.uint32)
-  diag = jnp.eye(xs.shape[0], dtype=bool)
+  skip = jnp.eye(xs.shape[0], dtype=bool) | ~use[None, :]
   one = jnp.uint32(1)
-  # basis_k(0) = prod_{l != k} x_l / (x_l - x_k)
-  num = jnp.where(diag, one, xs[None, :])
-  den = jnp.where(diag, one, sub_mod(xs[None, :], xs[:, None]))
+  # basis_k(0) = prod_{l != k, l used} x_l / (x_l - x_k)
+  num = jnp.where(skip, one, xs[None, :])
+  den = jnp.where(skip, one, sub_mod(xs[None, :], xs[:, None]))
   basis = mul_mod(_prod_mod(num), inv_mod(_prod_mod(den)))  # [k]
-  terms = mul_mod(basis[:, None], shares.astype(jnp.uint32))  # [k, m]
+  terms = jnp.where(use[:, None], mul_mod(basis[:, None], shares.astype(jnp.uint32)),
+                    jnp.uint32(0))  # [k, m]
   out, _ = jax.lax.scan(lambda acc, row: (add_mod(acc, row), None),
                         jnp.zeros(shares.shape[1:], jnp.uint32), terms)
   return out
