@@ -1,7 +1,7 @@
 """privacy/ is a library of its own: it imports no fedsim module and has no import cycles.
 
-compute_epsilon is the command-line entry point; its --config mode may read a run's config
-through fedsim, so it is the one module left out.
+The command-line entry points may read a run (its config, checkpoint and data) through fedsim,
+so they are left out: compute_epsilon (--config mode) and the encrypted-inference service.
 """
 
 import ast
@@ -14,7 +14,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "privacy"
-ENTRY_POINTS = {"privacy.compute_epsilon"}
+ENTRY_POINTS = {"privacy.compute_epsilon", "privacy.encrypted_inference.service",
+                "privacy.encrypted_inference.__main__"}
 
 
 def _module_name(path: pathlib.Path) -> str:
