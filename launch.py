@@ -68,19 +68,46 @@ def main(argv):
   import jax  # after flag parsing, so --help is fast
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from fedsim import simulation
   from fedsim import workdir as workdir_lib
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if "sweep" in config:  # many runs, one table (fedsim/sweep.py)
+    return _sweep(config, workdir)
   try:  # workdir, config, data and privacy parameters: one clear line, before any compute
     workdir_lib.check_writable(workdir, create=False)  # the run creates it
     workdir_lib.check_run(workdir, config, overwrite=_OVERWRITE.value)
-    setup = simulation.prepare(config)
+    runner = _runner(config)
+    setup = runner.prepare(config)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  summary = simulation.train(setup, workdir, progress=_PROGRESS.value,
-                             overwrite=_OVERWRITE.value)
+  summary = runner.train(setup, workdir, progress=_PROGRESS.value,
+                         overwrite=_OVERWRITE.value)
   logging.info("summary: %s", summary)
-  print(simulation.format_summary(summary, workdir))
+  print(runner.format_summary(summary, workdir))
+
+
+def _runner(config):
+  """What runs `config` (`prepare`, `train`, `format_summary`): the training loop, or
+  the attack study `attack.kind` names."""
+  if config.attack.kind == "inversion":
+    from fedsim import inversion_study
+    return inversion_study
+  if config.attack.kind == "membership":
+    from fedsim import membership_study
+    return membership_study
+  from fedsim import simulation
+  return simulation
+
+
+def _sweep(config, workdir):
+  """A config with a `sweep` section: every configuration its own run, then the table."""
+  from fedsim import sweep
+  try:  # every axis and configuration checked (and calibrated) before any training
+    configurations = sweep.plan(config, workdir, overwrite=_OVERWRITE.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  _, text = sweep.run(config, workdir, progress=_PROGRESS.value, overwrite=_OVERWRITE.value,
+                      configurations=configurations)
+  print(text)
 
 
 if __name__ == "__main__":

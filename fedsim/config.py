@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from fedsim import aggregation, models, partition, server
+from fedsim import aggregation, canaries, models, partition, server
 from fedsim.client import CLIENT_OPTIMIZERS
 from privacy import adaptive_clipping, validation
+from privacy.secure_agg import protocol
 
 DATA_SOURCES = ("synthetic", "medmnist", "image_folder", "tfds")
 DP_LEVELS = ("none", "example", "patient", "client")
@@ -91,6 +92,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "in [0, 1) (0: off)")
   _one_of(config, "engine.conv", CONV_CHOICES)
   _validate_dp(config)
+  _validate_attack(config)
+  _validate_secure_agg(config)
+  _validate_audit(config)
 
 
 def _validate_dp(config) -> None:
@@ -106,6 +110,121 @@ def _validate_dp(config) -> None:
   _int_at_least(config, "dp.max_batch_size", 0)
   _int_at_least(config, "dp.microbatch_size", 0)
   _one_of(config, "dp.clipping", ("vmap", "ghost"))
+
+
+def _validate_audit(config) -> None:
+  audit = config.audit
+  _check(isinstance(audit.enabled, bool), "audit.enabled", audit.enabled, "True or False")
+  if not audit.enabled:
+    return
+  _one_of(config, "audit.kind", canaries.KINDS)
+  _int_at_least(config, "audit.num_canaries", 2)
+  _int_at_least(config, "audit.num_hospitals", 1)
+  _check(audit.num_hospitals <= config.num_clients, "audit.num_hospitals",
+         audit.num_hospitals, f"<= num_clients={config.num_clients}")
+  _check(0.0 < audit.significance < 1.0, "audit.significance", audit.significance, "in (0, 1)")
+  _check(0.0 < config.dp.delta < 1.0, "dp.delta", config.dp.delta, "in (0, 1) (the audit's delta)")
+  if audit.kind == "gradient":
+    _check(config.dp.level in ("example", "patient"), "audit.kind", audit.kind,
+           f"'input' with dp.level={config.dp.level!r} (gradient canaries are DP-SGD's: "
+           "dp.level='example' or 'patient')")
+
+
+def _validate_secure_agg(config) -> None:
+  sa = config.secure_agg
+  _check(isinstance(sa.enabled, bool), "secure_agg.enabled", sa.enabled, "True or False")
+  if not sa.enabled:
+    return
+  _check(isinstance(sa.bits, int) and 2 <= sa.bits <= 32, "secure_agg.bits", sa.bits,
+         "an integer in [2, 32]")
+  _non_negative(config, "secure_agg.scale")
+  _non_negative(config, "secure_agg.clip_norm")
+  for field in ("secure_agg.dropout_before", "secure_agg.dropout_after"):
+    value = _get(config, field)
+    _check(0.0 <= value < 1.0, field, value, "in [0, 1)")
+  _int_at_least(config, "secure_agg.threshold", 0)
+  _int_at_least(config, "secure_agg.neighbours", 0)
+  _check(sa.neighbours % 2 == 0, "secure_agg.neighbours", sa.neighbours,
+         "even (a Harary graph: k/2 neighbours on each side), or 0 for the complete graph")
+  fixed = config.client_sampling_rate == 0
+  cohort = config.clients_per_round if fixed else config.num_clients
+  holders = min(cohort, sa.neighbours + 1) if sa.neighbours else cohort
+  _check(sa.threshold <= holders, "secure_agg.threshold", sa.threshold,
+         f"<= {holders} (the shares of a secret: " + (
+             f"the hospital and its secure_agg.neighbours={sa.neighbours})" if sa.neighbours
+             else f"the cohort of {'clients_per_round' if fixed else 'num_clients'}={cohort})"))
+  _check(cohort < 2**15, "secure_agg.enabled", True,
+         f"False for cohorts of 2^15 hospitals or more (this one: up to {cohort})")
+  bounded = config.dp.level == "client" and not config.dp.adaptive_clip
+  _one_of(config, "secure_agg.distributed_noise", protocol.NOISES)
+  if sa.distributed_noise != "none":
+    _check(bounded and config.dp.noise_multiplier > 0, "secure_agg.distributed_noise",
+           sa.distributed_noise, "'none' unless dp.level='client' with dp.noise_multiplier > 0 "
+           "and dp.adaptive_clip=False (it replaces DP-FedAvg's server noise)")
+    _check(sa.threshold >= 2, "secure_agg.threshold", sa.threshold,
+           ">= 2 with distributed noise (each share is sized for t - 1 other senders)")
+  _check(sa.clip_norm > 0 or bounded, "secure_agg.clip_norm", sa.clip_norm,
+         f"> 0 with dp.level={config.dp.level!r}" + (
+             " and dp.adaptive_clip=True" if config.dp.level == "client" else "") +
+         " (the encoding needs a bound on each delta; 0 takes dp.clip_norm only for "
+         "dp.level='client' with a fixed clip norm)")
+
+
+ATTACK_KINDS = ("none", "inversion", "membership")
+# Rows of the inversion study's table (fedsim/inversion_study.py `settings`).
+INVERSION_SETTINGS = ("none", "dlg", "batches", "clipping", "dp_sgd", "example", "client",
+                      "client_released", "secure_agg", "late")
+
+
+def _validate_attack(config) -> None:
+  """`attack.*`: which study launch.py runs instead of training (fedsim/inversion_study.py)."""
+  _one_of(config, "attack.kind", ATTACK_KINDS)
+  _check(isinstance(config.attack.workdir, str), "attack.workdir", config.attack.workdir,
+         "a run directory, or '' to attack this config's own run")
+  if config.attack.kind == "membership":
+    _validate_membership(config)
+  if config.attack.kind != "inversion":
+    return
+  _check("inversion" in config.attack, "attack.kind", "inversion",
+         "set in a config with an attack.inversion section (experiments/attack_inversion.py)")
+  _check(config.client.optimizer == "sgd", "client.optimizer", config.client.optimizer,
+         "'sgd' for attack.kind='inversion' (the attacker replays local SGD)")
+  a = "attack.inversion."
+  for field in ("steps", "restarts", "targets", "dlg_steps", "local_steps",
+                "secure_agg_hospitals"):
+    _int_at_least(config, a + field, 1)
+  for field in ("first_hospital", "late_rounds"):
+    _int_at_least(config, a + field, 0)
+  for field in ("learning_rate", "dlg_learning_rate"):
+    _positive(config, a + field)
+  _non_negative(config, a + "tv_weight")
+  _one_of(config, a + "dlg_optimizer", ("adam", "lbfgs"))
+  settings = config.attack.inversion.settings
+  _check(len(settings) > 0 and set(settings) <= set(INVERSION_SETTINGS), a + "settings",
+         settings, f"a non-empty subset of {list(INVERSION_SETTINGS)}")
+  for field in ("batch_sizes", "noise_multipliers"):
+    values = _get(config, a + field)
+    _check(all(v > 0 for v in values), a + field, values, "positive numbers")
+
+
+def _validate_membership(config) -> None:
+  """`attack.membership.*` (fedsim/membership_study.py)."""
+  _check("membership" in config.attack, "attack.kind", "membership",
+         "set in a config with an attack.membership section (experiments/membership.py)")
+  _int_at_least(config, "attack.membership.num_models", 4)
+  _check(not config.attack.workdir, "attack.workdir", config.attack.workdir,
+         "'' for attack.kind='membership' (the study trains its own target and shadow "
+         "federations; attacking an earlier run's model is not supported yet)")
+  settings = config.attack.membership.settings
+  _check(len(settings) > 0 and all(s in ("none", "example") for s in settings),
+         "attack.membership.settings", settings, "a non-empty list of 'none', 'example'")
+
+
+def check_inversion_victims(inversion, counts) -> None:
+  """Every attacked hospital must hold the largest batch attacked (ValueError otherwise)."""
+  largest = max((1, *inversion.batch_sizes))
+  _check(int(min(counts)) >= largest, "attack.inversion.batch_sizes", inversion.batch_sizes,
+         f"<= the smallest hospital's training images ({int(min(counts))})")
 
 
 def _validate_adaptive_clip(config) -> None:

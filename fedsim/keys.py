@@ -6,12 +6,17 @@ after a resume. A purpose is folded in at one level of the tree below; numbers
 only need to differ within a level:
 
   seed key -> INIT (model initialisation)
+           -> ATTACK (attack studies: the victims' updates, the attacker's restarts)
            -> ROUND -> round r -> CLIENTS -> client id -> (batch, step) split
                                -> DELTA_NOISE (client-level DP noise on the sum)
                                -> COUNT_NOISE (adaptive clipping's noised count)
+                               -> SECURE_AGG -> HOSPITALS -> hospital id (its
+                                  secure-aggregation secrets); -> ROTATION (Hadamard signs)
   local step key -> AUGMENT (in-graph augmentation of the step's batch)
                  -> image i -> CROP, FLIP, ROTATE
   host numpy stream for (seed, round) -> COHORT (which hospitals train)
+                                      -> DROPOUTS (secure aggregation: graph, dropouts)
+  host numpy stream for (seed, AUDIT) -> an audit's canaries (fedsim/canaries.py)
 """
 
 from __future__ import annotations
@@ -21,15 +26,21 @@ from typing import NamedTuple
 import jax
 
 # Folded into the seed key.
-INIT, ROUND = 0, 1
+INIT, ROUND, ATTACK = 0, 1, 2
 # Folded into a round key.
-CLIENTS, DELTA_NOISE, COUNT_NOISE = 0, 1, 2
+CLIENTS, DELTA_NOISE, COUNT_NOISE, SECURE_AGG = 0, 1, 2, 3
+# Folded into a round's SECURE_AGG key.
+HOSPITALS, ROTATION = 0, 1
 # Folded into a local step key (after the draw / gradient split).
 AUGMENT = 2
 # Folded into one image's augmentation key.
 CROP, FLIP, ROTATE = 0, 1, 2
 # Purpose of the host (numpy) cohort stream of a round.
 COHORT = 2
+# Purpose of the host (numpy) stream of an audit's canaries (no round).
+AUDIT = 3
+# Purpose of the host (numpy) stream of a round's secure-aggregation graph and dropouts.
+DROPOUTS = 4
 
 
 def seed_key(seed: int) -> jax.Array:
@@ -40,6 +51,11 @@ def seed_key(seed: int) -> jax.Array:
 def init_key(seed: int) -> jax.Array:
   """The key that initialises the global model."""
   return jax.random.fold_in(seed_key(seed), INIT)
+
+
+def attack_key(seed: int) -> jax.Array:
+  """The root key of an attack study (never used by training)."""
+  return jax.random.fold_in(seed_key(seed), ATTACK)
 
 
 class RoundKeys(NamedTuple):
@@ -54,3 +70,10 @@ def round_keys(seed: int, round_index: int) -> RoundKeys:
   """The keys of round `round_index` (1-based) of a run with `seed`."""
   key = jax.random.fold_in(jax.random.fold_in(seed_key(seed), ROUND), round_index)
   return RoundKeys(*(jax.random.fold_in(key, p) for p in (CLIENTS, DELTA_NOISE, COUNT_NOISE)))
+
+
+def secure_agg_key(seed: int, round_index: int) -> jax.Array:
+  """Round `round_index`'s secure-aggregation key (not in `RoundKeys`: only runs with
+  `secure_agg.enabled` draw it, so other runs' keys are untouched)."""
+  key = jax.random.fold_in(jax.random.fold_in(seed_key(seed), ROUND), round_index)
+  return jax.random.fold_in(key, SECURE_AGG)

@@ -6,7 +6,7 @@ The stages run in the order of shared/DESIGN.md, each a named function with one 
   gather           blocks.gather        their data, one fixed-size block at a time
   client updates   client.make_client_update   local steps in `lax.scan`, vmapped
   transform        PrivacyPlan.transform      per client: client-level DP clipping
-  aggregate        aggregation.aggregate      weighted sum (the secure-aggregation seam)
+  aggregate        aggregation.aggregate      weighted sum (or SecureAggregation: masked, modular)
   privatize        PrivacyPlan.privatize      the server's mean delta (noised for DP-FedAvg)
   server update    server.server_update       optax step; EMA; next clip norm
 
@@ -20,7 +20,7 @@ Host work (ledger, evaluation, writing) happens outside the step.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from fedsim import (
+  aggregation,
   augment,
   blocks,
   evaluation,
@@ -40,6 +41,7 @@ from fedsim import (
   sharding,
   strategy,
 )
+from fedsim import canaries as canaries_lib
 from fedsim import client as client_lib
 from fedsim.data.base import FederatedData
 
@@ -78,8 +80,10 @@ class Setup:
   """Everything a run builds from its config before the first round (no mutable state:
   one Setup can serve any number of runs)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, fed: FederatedData):
-    self.config, self.fed = config, fed
+  def __init__(self, config: ml_collections.ConfigDict, fed: FederatedData,
+               canaries: canaries_lib.Canaries | None = None):
+    # `canaries` (audit.enabled): already in `fed`; gradient canaries also enter DP-SGD.
+    self.config, self.fed, self.canaries = config, fed, canaries
     steps = client_lib.schedule_from_config(config.client, fed.train.max_examples).num_steps
     self.strategy = strategy.resolve(
         config.engine, cohort_size=expected_block(config), num_steps=steps,
@@ -92,14 +96,25 @@ class Setup:
     privacy_plan.check_model(jax.eval_shape(self.init_params, jax.random.key(0)),
                              config.dp.level)
     self.plan = privacy_plan.make_plan(config, fed, self.apply_fn)
+    grad_fn = self.plan.grad_fn
+    if canaries is not None and canaries.kind == "gradient":
+      grad_fn = canaries_lib.with_gradient_canaries(
+          grad_fn, canaries, jax.eval_shape(self.init_params, jax.random.key(0)))
     self.client_update = client_lib.make_client_update(
-        self.apply_fn, self.plan.grad_fn, schedule=self.schedule,
+        self.apply_fn, grad_fn, schedule=self.schedule,
         optimizer=config.client.optimizer, mean=fed.mean, std=fed.std,
         sampler=self.plan.sampler, augment_fn=augmentation(config.data))
     mesh = sharding.client_mesh() if self.strategy.devices > 1 else None
+    self.secure_agg = None
+    if config.secure_agg.enabled:
+      self.secure_agg = aggregation.secure_aggregation(
+          config, jax.eval_shape(self.init_params, jax.random.key(0)),
+          block=self.strategy.block, cohort_bound=expected_block(config),
+          max_weight=float(fed.train.counts.max()) if self.plan.weighting == "examples" else 1.0)
     self.block_fn = blocks.make_block_fn(
         self.client_update, weighting=self.plan.weighting, chunk=self.strategy.chunk,
-        transform=self.plan.transform, mesh=mesh)
+        transform=self.plan.transform, mesh=mesh,
+        aggregate=self.secure_agg.aggregate if self.secure_agg else aggregation.aggregate)
     self.put = sharding.client_put(mesh) if mesh is not None else jax.device_put
     self.server_opt = server.server_optimizer(
         config.server.optimizer, momentum=config.server.momentum,
@@ -135,6 +150,7 @@ class RoundOutput(NamedTuple):
   sums: blocks.RoundSums     # delta, weight and metric sums over the cohort
   clip_norm: jax.Array       # the clip norm this round used
   model: PyTree              # the params to evaluate (global, or their EMA)
+  secure_agg: Optional[dict] = None  # secure aggregation's round stats, when enabled
 
 
 def sample_cohort(config, round_index: int) -> np.ndarray:
@@ -143,17 +159,23 @@ def sample_cohort(config, round_index: int) -> np.ndarray:
 
 
 def client_updates(setup: Setup, params: PyTree, cohort: np.ndarray, key: jax.Array,
-                   hparams: dict) -> blocks.RoundSums:
+                   hparams: dict, secure: Optional[aggregation.SecureRound] = None
+                   ) -> blocks.RoundSums:
   """Stages 2-5: gather each block, run its clients, transform and aggregate their deltas.
 
   One call of the compiled block program per block (usually one per round); the
-  next block is gathered while the current one computes (async dispatch).
+  next block is gathered while the current one computes (async dispatch). With
+  secure aggregation (`secure`), each block's hospitals mask what they send.
   """
   total = None
-  for block in blocks.gather(setup.fed.train, cohort, setup.strategy.block):
+  for index, block in enumerate(blocks.gather(setup.fed.train, cohort, setup.strategy.block)):
     client_keys = blocks.client_keys(key, block.ids)
-    total = setup.block_fn(params, setup.put(block.data), setup.put(block.valid),
-                           setup.put(client_keys), hparams, total)
+    valid, inputs = block.valid, None
+    if secure is not None:
+      inputs, valid = setup.secure_agg.block_inputs(secure, index, valid)
+      inputs = setup.put(inputs)
+    total = setup.block_fn(params, setup.put(block.data), setup.put(valid),
+                           setup.put(client_keys), hparams, total, inputs)
   return total
 
 
@@ -189,8 +211,14 @@ def round_step(setup: Setup, state: server.ServerState,
   cohort = sample_cohort(config, round_index)
   round_keys = keys.round_keys(config.seed, round_index)
   hparams = {**setup.hparams, "clip_norm": state.clip_norm}
-  sums = client_updates(setup, state.params, cohort, round_keys.clients, hparams)
+  secure = setup.secure_agg.begin_round(cohort, round_index) if setup.secure_agg else None
+  sums = client_updates(setup, state.params, cohort, round_keys.clients, hparams, secure)
+  secure_stats = None
+  if secure is not None:  # the server unmasks and decodes the round's modular sum
+    sums, secure_stats = setup.secure_agg.finish(sums, secure)
+    if setup.secure_agg.noise_multiplier:  # the senders added the noise already
+      hparams = {**hparams, "noise_multiplier": jnp.float32(0.0)}
   new_state, model = finish_round(setup, state, sums, round_keys, hparams, round_index)
   return new_state, RoundOutput(
       cohort, sampling.participation_mask(config.num_clients, cohort), sums,
-      state.clip_norm, model)
+      state.clip_norm, model, secure_stats)

@@ -21,12 +21,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from fedsim import canaries as canaries_lib
 from fedsim import config as config_lib
-from fedsim import evaluation, io, privacy_plan, sampling, server
+from fedsim import evaluation, io, privacy_plan, sampling, server, tensorboard
 from fedsim import round as round_lib
 from fedsim import workdir as workdir_lib
 from fedsim.data import make_federated_data
 from fedsim.round import Setup
+from privacy.secure_agg.protocol import SecureAggregationError
 
 
 def evaluate(setup: Setup, params) -> tuple[dict, dict]:
@@ -51,7 +53,11 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   parameters) is raised here, before any compute and before anything is written.
   """
   config_lib.validate(config)
-  return Setup(config, make_federated_data(config))
+  fed = make_federated_data(config)
+  if not config.audit.enabled:
+    return Setup(config, fed)
+  canaries = canaries_lib.make(config.audit, fed, config.seed)
+  return Setup(config, canaries_lib.insert(fed, canaries), canaries)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -98,6 +104,7 @@ def train(setup: Setup, workdir: str, *, progress: bool = True,
   writer = io.MetricWriter(workdir)
   if done:
     writer.truncate(done)
+  events = tensorboard.open_run_events(workdir, writer.history)
   ledger = setup.plan.new_ledger() if setup.plan.new_ledger else None
   state = round_lib.init_state(setup)
   if done:
@@ -115,7 +122,11 @@ def train(setup: Setup, workdir: str, *, progress: bool = True,
         config.dp.target_epsilon, sampling.participation(config, r)):
       stopped_early = f"dp.target_epsilon={config.dp.target_epsilon} would be exceeded in round {r}"
       break
-    state, out = round_lib.round_step(setup, state, r)
+    try:
+      state, out = round_lib.round_step(setup, state, r)
+    except SecureAggregationError as error:  # too few survivors: stop, record written
+      stopped_early = str(error)
+      break
     evaluated = out.model
     if ledger is not None:
       ledger.record_round(out.participating)
@@ -125,6 +136,7 @@ def train(setup: Setup, workdir: str, *, progress: bool = True,
       if ledger is not None:
         ledger.snapshot(r)
       writer.write_scalars(r, scalars)
+      events.write_scalars(r, scalars)
       bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}",
                       **({} if ledger is None else {"eps": f"{scalars['epsilon']:.2f}"}))
     if config.checkpoint_every and r % config.checkpoint_every == 0 and r < config.num_rounds:
@@ -148,6 +160,7 @@ def round_scalars(setup: Setup, out: round_lib.RoundOutput, ledger, wall: float)
       **setup.plan.round_stats(train_sums))
   if setup.plan.unit == "hospital":
     scalars["clip_norm"] = float(out.clip_norm)
+  scalars.update({k: float(v) for k, v in (out.secure_agg or {}).items()})
   return scalars
 
 
@@ -179,6 +192,13 @@ def _finish(setup: Setup, workdir, writer, state, ledger, scalars, report, stopp
       "wall_seconds": wall,
       "strategy": dataclasses.asdict(setup.strategy),
   }
+  if setup.secure_agg is not None:  # the parameters it ran with (scale, range resolved)
+    summary["secure_agg"] = {**config.secure_agg.to_dict(), "scale": setup.secure_agg.spec.scale,
+                             "clip_norm": setup.secure_agg.spec.clip_norm}
+  if setup.canaries is not None:  # audit.enabled: empirical lower bounds beside epsilon
+    summary.update(canaries_lib.audit_run(
+        setup, setup.canaries, round_lib.init_state(setup).params, state.params,
+        significance=config.audit.significance, delta=config.dp.delta))
   io.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   return io.to_json(summary)
 
@@ -197,6 +217,18 @@ def format_summary(summary: dict, workdir: str) -> str:
     lines.append(f"privacy: ({summary['epsilon']:.2f}, {summary['delta']:g})-DP per "
                  f"{summary['privacy_unit']}, {summary['accountant']} accountant "
                  "(max over hospitals)")
+  if "audit_epsilon_lower_bound" in summary:
+    a = summary["audit"]
+    lines.append(f"audit: epsilon >= {summary['audit_epsilon_lower_bound']:.2f} (one run, "
+                 f"Steinke et al.; Gaussian f-DP: {summary['audit_epsilon_lower_bound_fdp']:.2f})"
+                 f" from {a['num_canaries']} {a['kind']} canaries, "
+                 f"{1 - a['significance']:.0%} confidence")
+  if summary.get("secure_agg"):
+    sa = summary["secure_agg"]
+    lines.append(f"secure aggregation: {sa['bits']} bits, scale {sa['scale']:.4g}, "
+                 f"threshold {sa['threshold'] or 'majority'}, "
+                 f"{sa['neighbours'] or 'all'} neighbours, dropouts "
+                 f"{sa['dropout_before']:g} before / {sa['dropout_after']:g} after sending")
   if summary["stopped_early"]:
     lines.append(f"stopped early: {summary['stopped_early']}")
   lines.append(f"{summary['wall_seconds']:.1f} s; record in {workdir}")

@@ -23,14 +23,15 @@ import tempfile
 import jax
 import ml_collections
 
-from fedsim import io
+from fedsim import io, tensorboard
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 # What a run writes besides config.json; removed before a fresh start.
 RESULTS = (SUMMARY, "metrics.jsonl", "metrics.csv", "privacy.json", "report.json",
-           "curves.png", CHECKPOINTS)
+           "curves.png", tensorboard.FOLDER, CHECKPOINTS,
+           "encrypted_inference.json")  # privacy/encrypted_inference: of the old model
 _MAX_LISTED = 3  # differing fields named in a refusal
 
 

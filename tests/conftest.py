@@ -1,10 +1,37 @@
-"""Shared fixtures: a tiny run config and its federation (built once per session)."""
+"""Shared fixtures: a tiny run config and its federation (built once per session).
+
+Each test process (one per xdist worker) keeps a JAX compilation cache in a fresh folder
+of its own: a test that builds programs again (another run of a config, the same Setup
+rebuilt, a launch.py subprocess, which inherits the folder) loads them instead of
+compiling. One folder per process, so no two processes write one entry at once.
+"""
 
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 
 from experiments import default
+
+_CACHE_KEY = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+  cache = tempfile.mkdtemp(prefix="fedsim-jax-cache-")
+  config.stash[_CACHE_KEY] = cache
+  settings = {"jax_compilation_cache_dir": cache,
+              "jax_persistent_cache_min_compile_time_secs": 0,  # cache every program
+              "jax_persistent_cache_min_entry_size_bytes": -1}
+  for name, value in settings.items():
+    os.environ[name.upper()] = str(value)  # read when jax is imported, here and in subprocesses
+    if "jax" in sys.modules:
+      sys.modules["jax"].config.update(name, value)
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(config.stash.get(_CACHE_KEY, ""), ignore_errors=True)
 
 
 def tiny_config():

@@ -19,10 +19,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# A run of a few seconds: 4 hospitals of 12x12 images, one round of one local step.
+# A run of a few seconds: 4 hospitals of 12x12 images, one round of one local step, the
+# default config's model.
 TINY = ["--config.num_clients=4", "--config.clients_per_round=2", "--config.num_rounds=1",
         "--config.data.examples_per_client=24", "--config.data.image_size=12",
-        "--config.data.num_unseen=1", "--config.model=cnn", "--config.client.batch_size=8",
+        "--config.data.num_unseen=1", "--config.client.batch_size=8",
         "--config.client.local_steps=1", "--config.dp.max_batch_size=0",
         "--config.dp.accountant=rdp", "--config.engine.unroll=1"]
 
@@ -72,15 +73,16 @@ def finished_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("launch") / "finished"
   result = launch(*TINY, f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr
-  assert "rounds 1" in result.stdout
+  assert "rounds 1" in result.stdout and "accuracy" in result.stdout
   return workdir
 
 
 def test_tiny_run_leaves_a_complete_record(finished_run):  # WIRING
   summary = json.loads((finished_run / "summary.json").read_text())
   assert summary["rounds"] == 1 and summary["privacy_unit"] == "patient"
+  assert 0.0 <= summary["accuracy"] <= 1.0
   config = json.loads((finished_run / "config.json").read_text())["config"]
-  assert config["num_clients"] == 4
+  assert config["num_clients"] == 4 and config["model"] == "cnn_tanh"
   for name in ("metrics.jsonl", "metrics.csv", "privacy.json", "report.json", "curves.png"):
     assert (finished_run / name).exists(), name
 

@@ -1,4 +1,6 @@
-"""End-to-end runs: launch.py writes the record; a seed reproduces the run bit for bit."""
+"""End-to-end runs: a seed reproduces the run bit for bit; a killed run resumes exactly.
+
+launch.py's record of a finished run is checked in test_launch.py."""
 
 import json
 import os
@@ -33,22 +35,6 @@ def test_same_config_and_seed_reproduce_params_bit_for_bit(tmp_path):
   assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, pa, pc)))
   rows = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
   assert [r["round"] for r in rows] == [1, 2]
-
-
-def test_launch_runs_end_to_end_and_writes_the_record(tmp_path):
-  workdir = os.fspath(tmp_path / "run")
-  cmd = [sys.executable, "launch.py", "--config=experiments/default.py",
-         "--config.num_clients=6", "--config.clients_per_round=3",
-         "--config.num_rounds=2", "--config.eval_every=1", "--config.data.image_size=12",
-         "--config.data.examples_per_client=24", "--config.data.num_unseen=1",
-         "--config.client.batch_size=8", "--progress=false", f"--workdir={workdir}"]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  summary = json.load(open(os.path.join(workdir, "summary.json")))
-  assert summary["rounds"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
-  for name in ("config.json", "metrics.jsonl", "metrics.csv", "curves.png", "report.json"):
-    assert os.path.exists(os.path.join(workdir, name)), name
-  assert "accuracy" in out.stdout
 
 
 def test_launch_rejects_a_bad_field_in_one_line_and_writes_nothing(tmp_path):
@@ -97,6 +83,8 @@ runpy.run_path("launch.py", run_name="__main__")
 def launch(args, devices, *, script=None):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if devices > 1:  # a cached 8-device CPU program differed from a fresh one in the last bit
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   cmd = [sys.executable, *(["-c", script] if script else ["launch.py"]), *args]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
