@@ -37,7 +37,7 @@ from fedsim import io, privacy_plan, simulation, sweep_report
 from fedsim import round as round_lib
 from fedsim import workdir as workdir_lib
 from fedsim.data import make_federated_data
-from privacy import validation
+from privacy import accountants, validation
 
 SWEEP_FILE = "sweep.json"
 RUNS = "runs"  # sub-workdirs of the configurations
@@ -46,7 +46,6 @@ CALIBRATED = "target_epsilon"  # the axis turned into dp.noise_multiplier
 # configurations differing only in them share one Setup (test_sweep checks the list).
 TRACED_FIELDS = ("client.learning_rate", "client.momentum", "client.prox_mu",
                  "server.learning_rate", "dp.noise_multiplier", "dp.clip_norm")
-_CALIBRATION_RTOL = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,21 +219,9 @@ def calibrate_noise_multiplier(config, fed, target_epsilon: float) -> float:
   The epsilon is the run's own: the max over its per-hospital ledger after
   `num_rounds` rounds of its cohorts (exact for every accountant and DP level).
   """
-  eps = lambda sigma: _max_epsilon(config, fed, sigma)
-  hi = 1.0
-  while eps(hi) > target_epsilon:
-    hi *= 2
-    validation.check(hi <= 2.0**20, "sweep.axes.target_epsilon", target_epsilon,
-                     "reachable with dp.noise_multiplier <= 2^20")
-  lo = hi / 2
-  while eps(lo) <= target_epsilon:
-    hi, lo = lo, lo / 2
-    validation.check(lo > 1e-3, "sweep.axes.target_epsilon", target_epsilon,
-                     "reachable only with dp.noise_multiplier >= 1e-3")
-  while hi - lo > _CALIBRATION_RTOL * hi:
-    mid = (lo + hi) / 2
-    lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
-  return float(hi)
+  return accountants.smallest_noise_multiplier(
+      lambda sigma: _max_epsilon(config, fed, sigma), target_epsilon,
+      field="sweep.axes.target_epsilon")
 
 
 def share_setup(setup: round_lib.Setup, config: ml_collections.ConfigDict) -> round_lib.Setup:

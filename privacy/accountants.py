@@ -175,12 +175,13 @@ def epsilon(
   return float(acct.compose(event).get_epsilon(delta))
 
 
-def _bracket(eps_at: Callable[[float], float], target: float) -> tuple[float, float]:
+def _bracket(eps_at: Callable[[float], float], target: float,
+             field: str = "dp.target_epsilon") -> tuple[float, float]:
   """[lo, hi] with eps(lo) > target >= eps(hi), searching by doubling / halving from 1."""
   hi = 1.0
   while eps_at(hi) > target:
     hi *= 2
-    validation.check(hi <= 2.0**30, "dp.target_epsilon", target,
+    validation.check(hi <= 2.0**30, field, target,
                      "reachable with a noise multiplier <= 2^30")
   lo = hi / 2
   while eps_at(lo) <= target:
@@ -188,6 +189,24 @@ def _bracket(eps_at: Callable[[float], float], target: float) -> tuple[float, fl
     if lo < 1e-6:
       return 0.0, hi
   return lo, hi
+
+
+def smallest_noise_multiplier(eps_at: Callable[[float], float], target_epsilon: float, *,
+                              field: str = "dp.target_epsilon") -> float:
+  """Smallest sigma (within `CALIBRATION_RTOL`) with `eps_at(sigma) <= target_epsilon`.
+
+  For epsilons that are not one event's (e.g. a run's maximum over its hospitals'
+  ledgers): bracket by doubling / halving from 1, then bisect; `eps_at` must not
+  increase with sigma.
+
+  >>> round(smallest_noise_multiplier(lambda s: 4 / s, 2.0), 2)
+  2.0
+  """
+  lo, hi = _bracket(eps_at, target_epsilon, field)
+  while lo and hi - lo > CALIBRATION_RTOL * hi:
+    mid = (lo + hi) / 2
+    lo, hi = (lo, mid) if eps_at(mid) <= target_epsilon else (mid, hi)
+  return float(hi)
 
 
 def calibrate_noise_multiplier(

@@ -15,6 +15,7 @@ import pytest
 from fedsim import checkpoint, privacy_plan, simulation, sweep, sweep_report, tensorboard
 from fedsim import round as round_lib
 from fedsim.data import make_federated_data
+from privacy import accountants
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -188,7 +189,7 @@ def test_target_epsilon_axis_calibrates_the_noise_to_the_runs_own_ledger():
   assert sigmas[0] > sigmas[1]
   for c, target in zip(configurations, (3.0, 6.0)):
     sigma = c.config.dp.noise_multiplier
-    below = sigma * (1 - 2 * sweep._CALIBRATION_RTOL)  # pylint: disable=protected-access
+    below = sigma * (1 - 2 * accountants.CALIBRATION_RTOL)
     assert sweep._max_epsilon(c.config, fed, below) > target  # pylint: disable=protected-access
   # the first configuration's whole run, as the ledger preview replays it, meets its target
   assert privacy_plan.ledger_preview(configurations[0].config).max_epsilon() <= 3.0
