@@ -212,9 +212,6 @@ def _validate_membership(config) -> None:
   _check("membership" in config.attack, "attack.kind", "membership",
          "set in a config with an attack.membership section (experiments/membership.py)")
   _int_at_least(config, "attack.membership.num_models", 4)
-  _check(not config.attack.workdir, "attack.workdir", config.attack.workdir,
-         "'' for attack.kind='membership' (the study trains its own target and shadow "
-         "federations; attacking an earlier run's model is not supported yet)")
   settings = config.attack.membership.settings
   _check(len(settings) > 0 and all(s in ("none", "example") for s in settings),
          "attack.membership.settings", settings, "a non-empty list of 'none', 'example'")

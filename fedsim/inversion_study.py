@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io as _io
-import json
 import os
 import time
 from typing import Any, NamedTuple
@@ -119,25 +118,12 @@ class Study(NamedTuple):
   late_round: int  # rounds trained before the late model's update
 
 
-def load_run(path: str) -> tuple[Any, int]:
-  """The config of the run in `path` and its latest checkpointed round; ValueError if none."""
-  from fedsim import checkpoint  # pylint: disable=import-outside-toplevel
-  record = os.path.join(path, workdir_lib.CONFIG)
-  if not os.path.isfile(record):
-    raise ValueError(f"attack.workdir={path!r} holds no run (no {workdir_lib.CONFIG})")
-  directory = workdir_lib.checkpoint_dir(path)
-  step = checkpoint.latest_step(directory) if os.path.isdir(directory) else None
-  if step is None:
-    raise ValueError(f"attack.workdir={path!r} holds no checkpoint to attack")
-  with open(record) as f:
-    return ml_collections.ConfigDict(json.load(f)["config"]), step
-
-
 def prepare(config) -> Study:
   """Validates `config`, reads `attack.workdir`'s run if named, builds the federation."""
   config_lib.validate(config)
   path = config.attack.workdir
-  base, late = load_run(path) if path else (config, config.attack.inversion.late_rounds)
+  base, late = (workdir_lib.attacked_run(path) if path
+                else (config, config.attack.inversion.late_rounds))
   fed = make_federated_data(base)
   config_lib.check_inversion_victims(config.attack.inversion, fed.train.counts)
   return Study(config, base, fed, round_lib.Setup(base, fed), late)

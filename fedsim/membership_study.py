@@ -16,6 +16,12 @@ threshold, and LiRA online and offline with Gaussian fits of the logit-scaled
 confidences. Each setting's epsilon is the accountant's for the hospitals of
 federation 0 after the configured rounds.
 
+With `attack.workdir=runs/x` the study attacks that earlier run's checkpointed
+global model instead (`attack_checkpoint`): members are the training images of its
+seen hospitals, non-members the test images of the same hospitals, and the attack is
+the loss threshold (LiRA needs shadow models trained like the target, which a
+finished run does not have); its epsilon is the one the run reported.
+
 Writes `membership.csv`, `membership.png` (ROC curves, log-log) and `summary.json`.
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -61,8 +68,11 @@ class Study:
 
 
 def prepare(config) -> Study:
-  """Validates `config`, builds the hospitals and draws every model's members."""
+  """Validates `config` (and `attack.workdir`'s run), builds the hospitals and draws
+  every model's members."""
   config_lib.validate(config)
+  if config.attack.workdir:
+    workdir_lib.attacked_run(config.attack.workdir)  # one clear line before any compute
   fed = make_federated_data(config)
   rng = np.random.default_rng([config.seed, MEMBERSHIP])
   shape = (config.attack.membership.num_models,) + fed.train.mask.shape
@@ -214,20 +224,60 @@ def write_csv(path: str, rows: list[dict]) -> None:
     writer.writerows(io.to_json(rows))
 
 
+def attack_checkpoint(path: str) -> tuple[list[dict], dict]:
+  """The loss attack on the global model checkpointed in `path` (an earlier run).
+
+  Members: the run's training images of its seen hospitals; non-members: their test
+  images (the same hospitals, never trained on). Returns the CSV row and ROC curve.
+  """
+  from fedsim import simulation  # pylint: disable=import-outside-toplevel
+  base, step = workdir_lib.attacked_run(path)
+  fed = make_federated_data(base)
+  setup = round_lib.Setup(base, fed)
+  params = simulation.restore_state(path, step, round_lib.init_state(setup)).params
+  logits, labels, is_member = [], [], []
+  for split, member in ((fed.train, True), (fed.test, False)):
+    real = split.mask.reshape(-1)
+    logits.append(split_logits(setup, jax.tree.map(lambda p: p[None], params), split)[0][real])
+    labels.append(split.labels.reshape(-1)[real])
+    is_member.append(np.full(int(real.sum()), member))
+  logits, labels, is_member = map(np.concatenate, (logits, labels, is_member))
+  r = membership.roc(np.asarray(membership.loss_scores(jnp.asarray(logits), jnp.asarray(labels))),
+                     is_member)
+  hits = logits.argmax(-1) == labels
+  summary_path = os.path.join(path, workdir_lib.SUMMARY)
+  epsilon = None
+  if os.path.isfile(summary_path):
+    with open(summary_path) as f:
+      epsilon = json.load(f).get("epsilon")
+  private = base.dp.level != "none"
+  row = dict(zip(COLUMNS, (
+      f"checkpoint round {step}", base.dp.level if private else None,
+      base.dp.noise_multiplier if private else None, epsilon,
+      base.dp.delta if private else None, "loss", r["auc"], r["tpr_at_fpr"][0],
+      r["tpr_at_fpr"][1], 1, len(is_member), float(hits[is_member].mean()),
+      float(hits[~is_member].mean()))))
+  return [row], {("checkpoint", "loss"): (r["fpr"], r["tpr"])}
+
+
 def train(study: Study, workdir: str, *, progress: bool = True,
           overwrite: bool = False) -> dict:
-  """Runs every setting; writes membership.csv, membership.png and summary.json."""
+  """Runs every setting (or attacks `attack.workdir`'s model); writes membership.csv,
+  membership.png and summary.json."""
   del progress  # one compiled program per setting
   start = time.perf_counter()
   workdir_lib.open_run(workdir, study.config, overwrite=overwrite)
   rows, curves = [], {}
-  for setting in study.config.attack.membership.settings:
+  if study.config.attack.workdir:
+    rows, curves = attack_checkpoint(study.config.attack.workdir)
+  for setting in () if study.config.attack.workdir else study.config.attack.membership.settings:
     setting_rows, setting_curves = attack_setting(study, *fit_setting(study, setting))
     rows += setting_rows
     curves.update({(setting, k): v for k, v in setting_curves.items()})
   write_csv(os.path.join(workdir, "membership.csv"), rows)
   plot_roc(curves, os.path.join(workdir, "membership.png"))
-  summary = {"attack": "membership", "settings": rows,
+  summary = {"attack": "membership", "attacked_run": study.config.attack.workdir or None,
+             "settings": rows,
              "wall_seconds": time.perf_counter() - start}
   io.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   return io.to_json(summary)
@@ -236,10 +286,11 @@ def train(study: Study, workdir: str, *, progress: bool = True,
 def format_summary(summary: dict, workdir: str) -> str:
   """The table as a person reads it at the end of the study."""
   num = lambda v, f: "-" if v is None else format(v, f)
-  lines = [f"{'setting':<8} {'epsilon':>8} {'attack':<13} {'AUC':>6} {'TPR@0.1%':>9} "
+  w = max([8] + [len(v["setting"]) for v in summary["settings"]])
+  lines = [f"{'setting':<{w}} {'epsilon':>8} {'attack':<13} {'AUC':>6} {'TPR@0.1%':>9} "
            f"{'TPR@1%':>7} {'acc in/out':>11}"]
   for v in summary["settings"]:
-    lines.append(f"{v['setting']:<8} {num(v['epsilon'], '.3g'):>8} {v['attack']:<13} "
+    lines.append(f"{v['setting']:<{w}} {num(v['epsilon'], '.3g'):>8} {v['attack']:<13} "
                  f"{v['auc']:>6.3f} {v['tpr_at_0.1%_fpr']:>9.4f} {v['tpr_at_1%_fpr']:>7.4f} "
                  f"{v['member_accuracy']:>5.2f}/{v['nonmember_accuracy']:<5.2f}")
   lines.append(f"{summary['wall_seconds']:.1f} s; record in {workdir}")

@@ -195,3 +195,21 @@ def _remove_results(workdir: str) -> None:
       shutil.rmtree(path)
     elif os.path.lexists(path):
       os.remove(path)
+
+
+def attacked_run(path: str) -> tuple[ml_collections.ConfigDict, int]:
+  """The config of the earlier run in `path` and its latest checkpointed round.
+
+  For `attack.workdir`: ValueError naming the field when `path` holds no run or no
+  checkpoint.
+  """
+  from fedsim import checkpoint  # pylint: disable=import-outside-toplevel
+  record = os.path.join(path, CONFIG)
+  if not os.path.isfile(record):
+    raise ValueError(f"attack.workdir={path!r} holds no run (no {CONFIG})")
+  directory = checkpoint_dir(path)
+  step = checkpoint.latest_step(directory) if os.path.isdir(directory) else None
+  if step is None:
+    raise ValueError(f"attack.workdir={path!r} holds no checkpoint to attack")
+  with open(record) as f:
+    return ml_collections.ConfigDict(json.load(f)["config"]), step

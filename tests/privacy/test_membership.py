@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from experiments import membership as membership_config
-from fedsim import membership_study
+from fedsim import membership_study, simulation
 from fedsim.data import make_federated_data
 from privacy.attacks import membership
+from tests.conftest import tiny_config
 
 
 def test_roc_on_hand_worked_scores():
@@ -115,4 +116,22 @@ def test_bad_membership_fields(field, value, match):
   c = membership_config.get_config()
   c.attack.membership[field] = value
   with pytest.raises(ValueError, match=match):
+    membership_study.prepare(c)
+
+
+def test_an_earlier_runs_checkpoint_is_attacked(tmp_path):
+  """attack.workdir: the loss attack on a finished run's model, its members and non-members
+  from the same hospitals, its epsilon the run's own; a path without a run is refused."""
+  run_dir = os.fspath(tmp_path / "run")
+  summary = simulation.run(tiny_config(), run_dir, progress=False)
+  rows, curves = membership_study.attack_checkpoint(run_dir)
+  (row,) = rows
+  fed = make_federated_data(tiny_config())
+  assert row["setting"] == "checkpoint round 2" and row["attack"] == "loss"
+  assert row["scores"] == int(fed.train.mask.sum() + fed.test.mask.sum())
+  assert row["epsilon"] == pytest.approx(summary["epsilon"]) and row["epsilon"] > 0
+  assert 0.0 <= row["auc"] <= 1.0 and set(curves) == {("checkpoint", "loss")}
+  c = membership_config.get_config()
+  c.attack.workdir = os.fspath(tmp_path / "nothing")
+  with pytest.raises(ValueError, match="attack.workdir=.* holds no run"):
     membership_study.prepare(c)
