@@ -12,12 +12,25 @@ shares (threshold: a majority of the cohort) before it decodes the sum, adds the
 noise to it and divides. metrics.jsonl reports per evaluated round the quantisation error
 (relative to the plaintext sum of the senders' clipped updates), overflowed coordinates,
 survivors and dropouts; summary.json the secure-aggregation parameters.
+
+What secure aggregation costs in utility, as sweeps (fedsim/sweep.py; a table and a plot of
+balanced accuracy against the axis, README "Secure aggregation"):
+
+  python launch.py --config=experiments/secure_agg.py:bits --workdir=runs/secagg_bits
+  python launch.py --config=experiments/secure_agg.py:dropout --workdir=runs/secagg_dropout
 """
+
+import ml_collections
 
 from experiments import dp_fedavg
 
+STUDIES = {
+    "bits": ("bits", (8, 12, 16, 20, 32)),         # ring size, no dropouts
+    "dropout": ("dropout_before", (0.0, 0.1, 0.2, 0.3)),  # at 20 bits, none after sending
+}
 
-def get_config():
+
+def get_config(variant: str = ""):
   c = dp_fedavg.get_config()
   c.num_clients = 100
   c.num_rounds = 20
@@ -28,4 +41,19 @@ def get_config():
   c.secure_agg.bits = 20
   c.secure_agg.dropout_before = 0.05
   c.secure_agg.dropout_after = 0.05
+  if not variant:
+    return c
+  if variant not in STUDIES:
+    raise ValueError(f"experiments/secure_agg.py:{variant}: the variant must be one of "
+                     f"{sorted(STUDIES)} (or none: one run)")
+  field, values = STUDIES[variant]
+  c.secure_agg.dropout_before = c.secure_agg.dropout_after = 0.0
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.axes = ml_collections.ConfigDict()
+  c.sweep.axes.secure_agg = ml_collections.ConfigDict()
+  c.sweep.axes.secure_agg[field] = values
+  c.sweep.metric = "balanced_accuracy"
+  c.sweep.epsilon_bands = (8.0,)
+  c.sweep.selection_eta = 1.0
+  c.sweep.selection_mean = 0.0
   return c

@@ -61,13 +61,36 @@ def _setting(row: dict, axis_names: list[str]) -> str:
   return ", ".join(shown) or "all"
 
 
+def _save(fig, path: str) -> None:
+  """Writes `fig` to `path` as a PNG, atomically, and closes it."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  png = _io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
+  plt.close(fig)
+  io.write_atomic(path, png.getvalue())
+
+
 def plot(path: str, table: list[dict], axis_names: list[str], metric: str) -> None:
-  """`metric` against epsilon, one curve per setting (mean over seeds), log epsilon."""
+  """`metric` against epsilon, one curve per setting (mean over seeds), log epsilon; a
+  sweep of one axis that leaves the privacy parameters alone (e.g. secure-aggregation bits)
+  gets `metric` against that axis instead."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import matplotlib.ticker
 
+  others = [k for k in axis_names if k != "seed"]
+  if len(others) == 1 and others[0] not in NOISE_AXES:
+    xs = sorted({row[others[0]] for row in table})
+    ys = [np.mean([row[metric] for row in table if row[others[0]] == x]) for x in xs]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(xs, ys, marker="o")
+    ax.set(xlabel=others[0], ylabel=f"{metric} (test hospitals)",
+           title=f"{metric} against {others[0]}")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    return
   curves: dict[str, dict] = {}
   for row in table:
     if row["epsilon"] is None or row[metric] is None:
@@ -94,11 +117,7 @@ def plot(path: str, table: list[dict], axis_names: list[str], metric: str) -> No
   ax.grid(alpha=0.3, which="both")
   if curves:
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  png = _io.BytesIO()
-  fig.savefig(png, format="png", dpi=110)
-  plt.close(fig)
-  io.write_atomic(path, png.getvalue())
+  _save(fig, path)
 
 
 def bands(edges) -> list[tuple[float, float]]:

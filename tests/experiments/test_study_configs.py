@@ -135,3 +135,19 @@ def test_truncated_patient_batches_are_accounted_over_patients(tmp_path):
   summary = simulation.train(setup, os.fspath(tmp_path / "run"), progress=False)
   assert summary["privacy_unit"] == "patient" and summary["accountant"] == "pld"
   assert 0 < summary["epsilon"] < float("inf")
+
+
+def test_secure_agg_study_sweeps_bits_and_dropouts():
+  """experiments/secure_agg.py:bits / :dropout: one axis each, every configuration a valid
+  secure-aggregation run; an unknown variant is refused."""
+  from experiments import secure_agg as secure_agg_config
+  from fedsim import sweep
+  for variant, field in (("bits", "bits"), ("dropout", "dropout_before")):
+    configurations = sweep.expand(secure_agg_config.get_config(variant))
+    values = [c.config.secure_agg[field] for c in configurations]
+    assert values == list(secure_agg_config.STUDIES[variant][1])
+    for c in configurations:
+      config_lib.validate(c.config)
+      assert c.config.secure_agg.enabled and "sweep" not in c.config
+  with pytest.raises(ValueError, match="the variant must be one of"):
+    secure_agg_config.get_config("nope")
