@@ -8,7 +8,9 @@ once): `none` (dp.level='none', the same federation, cohort and local steps with
 privacy), `patient_{clipping}` (the default: patient-level DP-SGD, truncated Poisson
 gather in patient slots) and `example_{clipping}` (example-level DP-SGD over the same
 images, gather of `--example_gather` images). Round seconds are `round.round_step` (no
-accounting, evaluation or writing), the minimum of `--reps` rounds after one warm-up.
+accounting, evaluation or writing), the minimum of `--reps` rounds after one warm-up;
+`temp_mb` is XLA's temporary memory of the compiled block program (`memory_analysis()`: the
+peak working set of one call beyond its arguments and outputs).
 Writes a JSON with the ratios to `none` (benchmarks/results/default_dp_overhead_<backend>.json).
 """
 
@@ -17,13 +19,13 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
 import jax
+from absl import app, flags
 
 from benchmarks import report, timing, workload
 from experiments import default as default_experiment
+from fedsim import blocks, io, keys
 from fedsim import config as config_lib
-from fedsim import io
 from fedsim import round as round_lib
 from fedsim.data import make_federated_data
 
@@ -41,6 +43,19 @@ def _setup(fed, **dp) -> round_lib.Setup:
     config.dp[field] = value
   config_lib.validate(config)
   return round_lib.Setup(config, fed)
+
+
+def block_temp_mb(setup: round_lib.Setup) -> float:
+  """XLA's temporary memory of one call of the compiled block program, in MiB (round 1)."""
+  state = round_lib.init_state(setup)
+  block = next(blocks.gather(setup.fed.train, round_lib.sample_cohort(setup.config, 1),
+                             setup.strategy.block))
+  client_keys = blocks.client_keys(keys.round_keys(setup.config.seed, 1).clients, block.ids)
+  hparams = {**setup.hparams, "clip_norm": state.clip_norm}
+  args = (state.params, block.data, block.valid, client_keys, hparams)
+  total = jax.eval_shape(lambda: setup.block_fn(*args))
+  compiled = setup.block_fn.compiled.lower(total, *args, None).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 
 def main(argv):
@@ -61,11 +76,16 @@ def main(argv):
   results = {}
   for name, dp in rows.items():
     start = time.perf_counter()
-    results[name] = timing.time_rounds(timing.engine_round_fn(_setup(fed, **dp)), s)
-    report.log(f"{name}: round {results[name]['round_s']:.3f} s "
-               f"({time.perf_counter() - start:.0f} s)")
+    setup = _setup(fed, **dp)
+    results[name] = timing.time_rounds(timing.engine_round_fn(setup), s)
+    results[name]["temp_mb"] = block_temp_mb(setup)
+    report.log(f"{name}: round {results[name]['round_s']:.3f} s, temp "
+               f"{results[name]['temp_mb']:.1f} MiB ({time.perf_counter() - start:.0f} s)")
   base = results["none"]["round_s"]
   ratios = {f"{k}_over_none": v["round_s"] / base for k, v in results.items() if k != "none"}
+  memory = results["none"]["temp_mb"]
+  ratios.update({f"{k}_temp_mb_over_none": v["temp_mb"] / memory
+                 for k, v in results.items() if k != "none"})
   data = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
           "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
           "versions": io.versions(), "rows": results, "ratios": ratios}
