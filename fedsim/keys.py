@@ -66,14 +66,17 @@ class RoundKeys(NamedTuple):
   count_noise: jax.Array
 
 
+def _round_key(seed: int, round_index: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(seed_key(seed), ROUND), round_index)
+
+
 def round_keys(seed: int, round_index: int) -> RoundKeys:
   """The keys of round `round_index` (1-based) of a run with `seed`."""
-  key = jax.random.fold_in(jax.random.fold_in(seed_key(seed), ROUND), round_index)
+  key = _round_key(seed, round_index)
   return RoundKeys(*(jax.random.fold_in(key, p) for p in (CLIENTS, DELTA_NOISE, COUNT_NOISE)))
 
 
 def secure_agg_key(seed: int, round_index: int) -> jax.Array:
   """Round `round_index`'s secure-aggregation key (not in `RoundKeys`: only runs with
   `secure_agg.enabled` draw it, so other runs' keys are untouched)."""
-  key = jax.random.fold_in(jax.random.fold_in(seed_key(seed), ROUND), round_index)
-  return jax.random.fold_in(key, SECURE_AGG)
+  return jax.random.fold_in(_round_key(seed, round_index), SECURE_AGG)

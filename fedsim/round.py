@@ -93,13 +93,12 @@ class Setup:
     self.model = models.make_model(config.model, num_classes=fed.num_classes,
                                    conv=self.strategy.conv)
     self.apply_fn = self.model.apply
-    privacy_plan.check_model(jax.eval_shape(self.init_params, jax.random.key(0)),
-                             config.dp.level)
+    params_shape = jax.eval_shape(self.init_params, jax.random.key(0))
+    privacy_plan.check_model(params_shape, config.dp.level)
     self.plan = privacy_plan.make_plan(config, fed, self.apply_fn)
     grad_fn = self.plan.grad_fn
     if canaries is not None and canaries.kind == "gradient":
-      grad_fn = canaries_lib.with_gradient_canaries(
-          grad_fn, canaries, jax.eval_shape(self.init_params, jax.random.key(0)))
+      grad_fn = canaries_lib.with_gradient_canaries(grad_fn, canaries, params_shape)
     self.client_update = client_lib.make_client_update(
         self.apply_fn, grad_fn, schedule=self.schedule,
         optimizer=config.client.optimizer, mean=fed.mean, std=fed.std,
@@ -108,7 +107,7 @@ class Setup:
     self.secure_agg = None
     if config.secure_agg.enabled:
       self.secure_agg = aggregation.secure_aggregation(
-          config, jax.eval_shape(self.init_params, jax.random.key(0)),
+          config, params_shape,
           block=self.strategy.block, cohort_bound=expected_block(config),
           max_weight=float(fed.train.counts.max()) if self.plan.weighting == "examples" else 1.0)
     self.block_fn = blocks.make_block_fn(
