@@ -2,15 +2,17 @@
 
   python -m benchmarks.default_dp_overhead                    # experiments/default.py
   python -m benchmarks.default_dp_overhead --clipping=vmap,ghost --reps=5
+  python -m benchmarks.default_dp_overhead --clipping=ghost --microbatch=0,8,16   # memory
 
 Rows (each a `round.Setup` built from experiments/default.py, the federation generated
 once): `none` (dp.level='none', the same federation, cohort and local steps without
 privacy), `patient_{clipping}` (the default: patient-level DP-SGD, truncated Poisson
 gather in patient slots) and `example_{clipping}` (example-level DP-SGD over the same
-images, gather of `--example_gather` images). Round seconds are `round.round_step` (no
-accounting, evaluation or writing), the minimum of `--reps` rounds after one warm-up;
-`temp_mb` is XLA's temporary memory of the compiled block program (`memory_analysis()`: the
-peak working set of one call beyond its arguments and outputs).
+images, gather of `--example_gather` images); with `--microbatch=m,...` each private row
+also runs with `dp.microbatch_size=m` (units a slice; suffix `_mb{m}`). Round seconds are
+`round.round_step` (no accounting, evaluation or writing), the minimum of `--reps` rounds
+after one warm-up; `temp_mb` is XLA's temporary memory of the compiled block program
+(`memory_analysis()`: the peak working set of one call beyond its arguments and outputs).
 Writes a JSON with the ratios to `none` (benchmarks/results/default_dp_overhead_<backend>.json).
 """
 
@@ -22,7 +24,7 @@ import time
 import jax
 from absl import app, flags
 
-from benchmarks import report, timing, workload
+from benchmarks import report, timing
 from experiments import default as default_experiment
 from fedsim import blocks, io, keys
 from fedsim import config as config_lib
@@ -34,6 +36,9 @@ _REPS = flags.DEFINE_integer("reps", 3, "Timed rounds per row, after one warm-up
 _EXAMPLE_GATHER = flags.DEFINE_integer(
     "example_gather", 160, "dp.max_batch_size of the example-level rows (images); the "
     "default's patient gather is 64 patients in slots of the largest patient's images.")
+_MICROBATCH = flags.DEFINE_list(
+    "microbatch", ["0"], "dp.microbatch_size values of the private rows (0: unsliced); "
+    "patient rows slice patients, example rows images.")
 _OUT = flags.DEFINE_string("out", "", "JSON path (default benchmarks/results/...).")
 
 
@@ -62,22 +67,19 @@ def main(argv):
   del argv
   timing.listen_for_compiles()
   fed = make_federated_data(default_experiment.get_config())
-  s = workload.Settings(  # only the timing fields are read by timing.time_rounds
-      hospitals=0, examples=0, image_size=0, classes=0, batch_size=0, epochs=0, lr=0.0,
-      chunks=(), convs=(), unroll=0, reps=_REPS.value, warmup=1, stat="min",
-      central_batches=(), dp_clipping=(), noise_multiplier=0.0, clip_norm=0.0,
-      dp_max_batch_size=0, dp_microbatch_size=0, memory_sizes=(), memory_chunk=0,
-      patterns=(), quick=False, seed=0)
   rows = {"none": dict(level="none")}
   for clip in _CLIPPING.value:
-    rows[f"patient_{clip}"] = dict(clipping=clip)
-    rows[f"example_{clip}"] = dict(level="example", clipping=clip,
-                                   max_batch_size=_EXAMPLE_GATHER.value)
+    for size in map(int, _MICROBATCH.value):
+      suffix = f"_mb{size}" if size else ""
+      rows[f"patient_{clip}{suffix}"] = dict(clipping=clip, microbatch_size=size)
+      rows[f"example_{clip}{suffix}"] = dict(level="example", clipping=clip,
+                                             max_batch_size=_EXAMPLE_GATHER.value,
+                                             microbatch_size=size)
   results = {}
   for name, dp in rows.items():
     start = time.perf_counter()
     setup = _setup(fed, **dp)
-    results[name] = timing.time_rounds(timing.engine_round_fn(setup), s)
+    results[name] = timing.time_rounds(timing.engine_round_fn(setup), reps=_REPS.value)
     results[name]["temp_mb"] = block_temp_mb(setup)
     report.log(f"{name}: round {results[name]['round_s']:.3f} s, temp "
                f"{results[name]['temp_mb']:.1f} MiB ({time.perf_counter() - start:.0f} s)")

@@ -45,8 +45,11 @@ def listen_for_compiles() -> None:
   jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
-def time_rounds(one_round: Callable[[int], Any], s: workload.Settings) -> dict:
-  """`s.warmup` untimed rounds (the first compiles), then `s.reps` timed ones (1-based).
+def time_rounds(one_round: Callable[[int], Any], *, reps: int, warmup: int = 1,
+                stat: str = "min") -> dict:
+  """`warmup` untimed rounds (the first compiles), then `reps` timed ones (1-based).
+
+  `round_s` is the minimum (`stat="min"`) or the median of the timed rounds.
 
   `compile_s` is the first round minus the median timed one; `xla_compile_s` and
   `xla_compiles` are XLA's own figures for the warm-up, and `recompiles_while_timed`
@@ -54,19 +57,19 @@ def time_rounds(one_round: Callable[[int], Any], s: workload.Settings) -> dict:
   """
   before = dict(_compiles)
   warm = []
-  for r in range(1, s.warmup + 1):
+  for r in range(1, warmup + 1):
     start = time.perf_counter()
     one_round(r)
     warm.append(time.perf_counter() - start)
   after_warmup = dict(_compiles)
   times = []
-  for r in range(s.warmup + 1, s.warmup + s.reps + 1):
+  for r in range(warmup + 1, warmup + reps + 1):
     start = time.perf_counter()
     one_round(r)
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
   return {
-      "round_s": min(times) if s.stat == "min" else median,
+      "round_s": min(times) if stat == "min" else median,
       "round_s_min": min(times), "round_s_median": median, "times_s": times,
       "first_round_s": warm[0], "compile_s": max(0.0, warm[0] - median),
       "xla_compile_s": after_warmup["seconds"] - before["seconds"],
@@ -194,6 +197,6 @@ def run_timed_row(row: workload.Row, s: workload.Settings) -> dict:
     else:
       info.update(calls_per_round=s.hospitals, clients_computed=s.hospitals)
       one_round = loop_round_fn(setup)
-  timing = time_rounds(one_round, s)
+  timing = time_rounds(one_round, reps=s.reps, warmup=s.warmup, stat=s.stat)
   return {"kind": row.kind, **info, **timing,
           "examples_per_s": s.examples_per_round / timing["round_s"]}
