@@ -139,11 +139,31 @@ class SecureAggregation:
         jnp.asarray(plan.sent), jnp.asarray(plan.alive), jnp.int32(plan.threshold))
     decoded = protocol.decode(self.spec, total, secure.rotation)
     stats = {**protocol.report(self.spec, sums.delta_sum, decoded), **plan.stats()}
-    if self.noise_multiplier:  # what the other senders' noise amounts to (>= the charged z)
-      senders = int(plan.sent.sum())
-      stats["secagg_noise_multiplier"] = self.noise_multiplier * float(
-          np.sqrt(max(senders - 1, 0) / (plan.threshold - 1)))
+    if self.noise_multiplier:  # the noise that survived, as the ledger charges it
+      stats["secagg_noise_multiplier"] = protocol.surviving_noise_multiplier(
+          self.noise_multiplier, senders=int(plan.sent.sum()), threshold=plan.threshold)
     return sums._replace(delta_sum=self.unravel(decoded)), stats
+
+
+def round_senders(config, round_index: int) -> int:
+  """How many hospitals of round `round_index`'s cohort send their masked input: the draw
+  `SecureAggregation.begin_round` makes, replayed from the config alone (for the ledger)."""
+  sa = config.secure_agg
+  n = len(sampling.cohort_for_round(config, round_index))
+  rng = sampling.round_rng(config.seed, round_index, keys.DROPOUTS)
+  return int(protocol.draw_dropouts(rng, n, sa.dropout_before, sa.dropout_after)[0].sum())
+
+
+def charged_noise_multiplier(config, round_index: int) -> float | None:
+  """The noise multiplier round `round_index` is accounted with: with distributed noise, the
+  one that survived its dropouts (`protocol.surviving_noise_multiplier`); else None (the
+  configured one)."""
+  sa = config.secure_agg
+  if not (sa.enabled and sa.distributed_noise != "none"):
+    return None
+  return protocol.surviving_noise_multiplier(
+      config.dp.noise_multiplier, senders=round_senders(config, round_index),
+      threshold=sa.threshold)
 
 
 def secure_aggregation(config, params: PyTree, *, block: int, cohort_bound: int,

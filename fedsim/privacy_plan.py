@@ -200,11 +200,13 @@ def _client_level_plan(config, apply_fn) -> PrivacyPlan:
 def replay_ledger(ledger, config, last_round: int, *, snapshot_rounds=()) -> None:
   """Charges `ledger` for rounds 1..`last_round` of a run of `config`.
 
-  Cohorts depend only on (seed, round), so the charges are exactly those of the
-  run; a snapshot is taken after each round in `snapshot_rounds`.
+  Cohorts (and secure aggregation's dropouts, whose surviving distributed noise a
+  round is charged) depend only on (seed, round), so the charges are exactly those
+  of the run; a snapshot is taken after each round in `snapshot_rounds`.
   """
   for r in range(1, last_round + 1):
-    ledger.record_round(sampling.participation(config, r))
+    ledger.record_round(sampling.participation(config, r),
+                        noise_multiplier=aggregation.charged_noise_multiplier(config, r))
     if r in snapshot_rounds:
       ledger.snapshot(r)
 

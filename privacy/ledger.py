@@ -19,18 +19,24 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from dp_accounting import dp_event as dpe
 
 from privacy import accountants, events, subsampled_gaussian, validation
 from privacy.accountants import PLD_DISCRETIZATION, RDP_ORDERS
 from privacy.events import DpEvent
 
 PRIVACY_UNITS = ("example", "patient", "hospital")
+# Above this many hospitals, privacy.json leaves out what its other fields determine: each
+# hospital's composed event (per_round_events[hospital_event_index], composition_counts
+# times) and the per-hospital epsilons of intermediate snapshots (each keeps its max).
+PER_HOSPITAL_DETAIL = 10_000
 
 
 def _event_key(event: DpEvent) -> str:
@@ -44,7 +50,10 @@ class PrivacyLedger:
   steps_k local steps) is composed once per round the hospital takes part in; hospitals
   that never took part have epsilon 0. Client-level DP (unit "hospital"): the per-round
   event includes the client sampling, so it is composed every recorded round and every
-  hospital reports the same epsilon.
+  hospital reports the same epsilon. A client-level round may be charged another noise
+  multiplier than the configured one (`record_round(..., noise_multiplier=z_r)`: the
+  distributed noise that survived a secure-aggregation round's dropouts); the rounds are then
+  composed as a mix of per-round events (`round_event_index`), the same for every hospital.
 
   Epsilons are cached by (distinct per-round event, composition count): with RDP, a
   hospital at count c costs c * (RDP of its per-round event), computed once per distinct
@@ -64,16 +73,20 @@ class PrivacyLedger:
       accountant: str = "rdp",
       unit: str = "example",
       pld_discretization: float = PLD_DISCRETIZATION,
+      hospital_event_index: np.ndarray | None = None,
   ):
     """Builds an empty ledger.
 
     Args:
       per_round_events: [hospitals] one event per hospital for one round it takes part in
-        (client-level: the same event, one round of DP-FedAvg, for every hospital).
+        (client-level: the same event, one round of DP-FedAvg, for every hospital); with
+        `hospital_event_index`, the distinct events only.
       delta: target delta.
       accountant: "rdp" or "pld".
       unit: privacy unit, one of `PRIVACY_UNITS`.
       pld_discretization: PLD value discretisation interval.
+      hospital_event_index: optional [hospitals] index into `per_round_events` of each
+        hospital's event (a million hospitals share a few events: no per-hospital list).
     """
     validation.check(unit in PRIVACY_UNITS, "unit", unit, f"one of {list(PRIVACY_UNITS)}")
     validation.check(len(per_round_events) > 0, "per_round_events", per_round_events,
@@ -86,12 +99,20 @@ class PrivacyLedger:
     self._events = [events.event_from_dict(json.loads(k)) for k in unique]
     position = {k: u for u, k in enumerate(unique)}
     self._index = np.array([position[k] for k in keys], np.int64)
+    if hospital_event_index is not None:
+      self._index = self._index[np.asarray(hospital_event_index, np.int64)]
     relations = {accountants.check_supported(e, accountant) for e in self._events}
     if len(relations) > 1:
       raise ValueError(f"hospitals' events mix neighbouring relations: {sorted(relations)}")
     self.neighbouring = relations.pop()
-    self._counts = np.zeros(len(keys), np.int64)
+    self._counts = np.zeros(len(self._index), np.int64)
     self._rounds = 0
+    self._key_index = dict(position)
+    # Client level: the event of one round at noise multiplier z (`for_client_level`), and
+    # the distinct event each recorded round composed.
+    self._round_event: Callable[[float], DpEvent] | None = None
+    self._round_index: list[int] = []
+    self._mix_cache: dict[tuple[int, ...], float] = {}
     self._cache: dict[tuple[int, int], float] = {}
     self._rdp: dict[int, np.ndarray] = {}
     self._steps: dict[int, tuple[subsampled_gaussian.ComposableStep | None, int]] = {}
@@ -114,14 +135,27 @@ class PrivacyLedger:
     """Example/patient-level ledger from per-hospital q_k [H] and local steps (int or [H])."""
     rates = np.asarray(sampling_rates, np.float64).reshape(-1)
     steps_k = np.broadcast_to(np.asarray(steps), rates.shape)
-    sizes = [None] * len(rates) if dataset_sizes is None else list(dataset_sizes)
+    sizes = np.full(rates.shape, -1) if dataset_sizes is None else np.asarray(dataset_sizes)
+    validation.check(sizes.shape == rates.shape, "dataset_sizes", sizes.shape,
+                     f"one per hospital ({rates.shape})")
+    # One event per distinct (q, steps, size), in order of first hospital (vectorised:
+    # hospitals of a million-hospital population share a few events).
+    key = np.zeros(rates.shape, np.int64)
+    for column in (rates, steps_k, sizes):  # each column's codes, as one integer per hospital
+      values, codes = np.unique(column, return_inverse=True)
+      key = key * len(values) + codes.reshape(-1)
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
     per_round = [
-        events.local_dp_sgd_event(sampling_rate=float(q), noise_multiplier=noise_multiplier,
-                                  steps=int(t), truncated_batch_size=truncated_batch_size,
-                                  dataset_size=None if n is None else int(n))
-        for q, t, n in zip(rates, steps_k, sizes, strict=True)
+        events.local_dp_sgd_event(sampling_rate=float(rates[h]), noise_multiplier=noise_multiplier,
+                                  steps=int(steps_k[h]), truncated_batch_size=truncated_batch_size,
+                                  dataset_size=None if dataset_sizes is None else int(sizes[h]))
+        for h in first[order]
     ]
-    return cls(per_round, delta=delta, accountant=accountant, unit=unit,
+    return cls(per_round, hospital_event_index=rank[inverse.reshape(-1)], delta=delta,
+               accountant=accountant, unit=unit,
                pld_discretization=pld_discretization)
 
   @classmethod
@@ -141,13 +175,16 @@ class PrivacyLedger:
       raise ValueError("give exactly one of sampling_rate (Poisson) and cohort_size (fixed)")
     num_hospitals = validation.check_count("num_clients", num_hospitals, minimum=1)
     if cohort_size is None:
-      event = events.client_level_event(sampling_rate=sampling_rate,
-                                        noise_multiplier=noise_multiplier, rounds=1)
+      round_event = functools.partial(events.client_level_event, sampling_rate=sampling_rate,
+                                      rounds=1)
     else:
-      event = events.fixed_size_sampled_event(sample_size=cohort_size, population=num_hospitals,
-                                              noise_multiplier=noise_multiplier, steps=1)
-    return cls([event] * num_hospitals, delta=delta, accountant=accountant, unit="hospital",
-               pld_discretization=pld_discretization)
+      round_event = functools.partial(events.fixed_size_sampled_event, sample_size=cohort_size,
+                                      population=num_hospitals, steps=1)
+    ledger = cls([round_event(noise_multiplier=noise_multiplier)], delta=delta,
+                 accountant=accountant, unit="hospital", pld_discretization=pld_discretization,
+                 hospital_event_index=np.zeros(num_hospitals, np.int64))
+    ledger._round_event = lambda z: round_event(noise_multiplier=z)
+    return ledger
 
   @property
   def num_hospitals(self) -> int:
@@ -170,10 +207,74 @@ class PrivacyLedger:
                      f"({self.num_hospitals},): one entry per hospital")
     return mask.astype(bool).astype(np.int64)
 
-  def record_round(self, participating_hospital_mask: np.ndarray | None) -> None:
-    """Adds one round; `participating_hospital_mask` [hospitals] bool (ignored for client-level)."""
+  def record_round(self, participating_hospital_mask: np.ndarray | None, *,
+                   noise_multiplier: float | None = None) -> None:
+    """Adds one round; `participating_hospital_mask` [hospitals] bool (ignored for client-level).
+
+    `noise_multiplier`: client level only, the noise this round actually carried (None: the
+    configured one), e.g. the distributed noise that survived secure aggregation's dropouts.
+    """
+    u = self._round_event_id(noise_multiplier)
     self._counts += self._increment(participating_hospital_mask)
     self._rounds += 1
+    if self.unit == "hospital":
+      self._round_index.append(u)
+
+  def _round_event_id(self, noise_multiplier: float | None) -> int:
+    """Index of the distinct client-level event of a round at `noise_multiplier` (added if new)."""
+    if noise_multiplier is None:
+      return 0
+    validation.check(self._round_event is not None, "noise_multiplier", noise_multiplier,
+                     "None (a round's own noise multiplier is for client-level ledgers, "
+                     "PrivacyLedger.for_client_level)")
+    key = _event_key(self._round_event(float(noise_multiplier)))
+    if key not in self._key_index:
+      self._key_index[key] = len(self._events)
+      self._events.append(events.event_from_dict(json.loads(key)))
+    return self._key_index[key]
+
+  def _mix(self, extra_round: int | None = None) -> np.ndarray:
+    """Client level: [distinct events] how many recorded rounds composed each."""
+    rounds = self._round_index + ([] if extra_round is None else [extra_round])
+    return np.bincount(np.asarray(rounds, np.int64), minlength=len(self._events))
+
+  def _mix_epsilon(self, mix: np.ndarray) -> float:
+    """Epsilon of composing `mix[u]` rounds of each distinct event u (client level)."""
+    used = [int(u) for u in np.flatnonzero(mix)]
+    if not used:
+      return 0.0
+    if len(used) == 1:  # one event: the cached (event, count), as for the other ledgers
+      pair = (used[0], int(mix[used[0]]))
+      if pair not in self._cache:
+        self._fill_cache([pair])
+      return self._cache[pair]
+    key = tuple(mix.tolist())
+    if key not in self._mix_cache:
+      self._mix_cache[key] = self._composed_epsilon({u: int(mix[u]) for u in used})
+    return self._mix_cache[key]
+
+  def _composed_epsilon(self, rounds: dict[int, int]) -> float:
+    if self.accountant == "rdp":
+      self._fill_rdp()
+      rdp = sum(c * self._rdp[u] for u, c in rounds.items())
+      return float(subsampled_gaussian.epsilon_from_rdp(rdp[None], RDP_ORDERS, self.delta)[0])
+    steps = {u: self._step(u) for u in rounds}
+    if any(step is None for step, _ in steps.values()):
+      return accountants.epsilon(self._mix_event(rounds), self.delta, "pld",
+                                 pld_discretization=self.pld_discretization)
+    plds = [step.self_compose(n * rounds[u]) for u, (step, n) in steps.items()]
+    return float(subsampled_gaussian.epsilon_for_delta(
+        functools.reduce(lambda a, b: a.compose(b), plds), self.delta))
+
+  def _mix_event(self, rounds: dict[int, int]) -> DpEvent:
+    """The composed DpEvent of `rounds[u]` rounds of each distinct event u."""
+    parts = [events.hospital_event(self._events[u], c) for u, c in rounds.items()]
+    return parts[0] if len(parts) == 1 else dpe.ComposedDpEvent(parts)
+
+  @property
+  def _mixed(self) -> bool:
+    """Client level (`for_client_level`): rounds may carry their own noise multipliers."""
+    return self._round_event is not None
 
   def _fill_rdp(self) -> None:
     """RDP of every distinct per-round event, in one vectorised pass (once per ledger)."""
@@ -220,9 +321,9 @@ class PrivacyLedger:
                                                        self.delta))
 
   def _epsilons_at(self, counts: np.ndarray) -> np.ndarray:
-    pairs, inverse = np.unique(np.stack([self._index, counts], axis=1), axis=0,
-                               return_inverse=True)
-    pairs = [(int(u), int(c)) for u, c in pairs]
+    width = int(counts.max(initial=0)) + 1  # (event, count) as one integer: a 1-D unique
+    keys, inverse = np.unique(self._index * width + counts, return_inverse=True)
+    pairs = [(int(k) // width, int(k) % width) for k in keys]
     missing = [p for p in pairs if p[1] > 0 and p not in self._cache]
     if missing:
       self._fill_cache(missing)
@@ -231,30 +332,44 @@ class PrivacyLedger:
 
   def epsilons(self) -> np.ndarray:
     """[hospitals] current epsilon of each hospital at `delta`."""
+    if self._mixed:
+      return np.full(self.num_hospitals, self._mix_epsilon(self._mix()))
     return self._epsilons_at(self._counts)
 
   def max_epsilon(self) -> float:
     """The run's guarantee: the largest per-hospital epsilon."""
     return float(self.epsilons().max())
 
-  def epsilons_after(self, next_participation_mask: np.ndarray | None) -> np.ndarray:
-    """[hospitals] epsilons if the next round ran with this participation."""
+  def epsilons_after(self, next_participation_mask: np.ndarray | None, *,
+                     noise_multiplier: float | None = None) -> np.ndarray:
+    """[hospitals] epsilons if the next round ran with this participation (and noise)."""
+    if self._mixed:
+      mix = self._mix(self._round_event_id(noise_multiplier))
+      return np.full(self.num_hospitals, self._mix_epsilon(mix))
+    self._round_event_id(noise_multiplier)  # refuses a noise multiplier here
     return self._epsilons_at(self._counts + self._increment(next_participation_mask))
 
-  def would_exceed(self, target_epsilon: float,
-                   next_participation_mask: np.ndarray | None) -> bool:
+  def would_exceed(self, target_epsilon: float, next_participation_mask: np.ndarray | None,
+                   *, noise_multiplier: float | None = None) -> bool:
     """True when running the next round would take some hospital above `target_epsilon`."""
-    return bool(self.epsilons_after(next_participation_mask).max() > target_epsilon)
+    return bool(self.epsilons_after(next_participation_mask,
+                                    noise_multiplier=noise_multiplier).max() > target_epsilon)
 
   def hospital_events(self) -> list[DpEvent]:
     """[hospitals] each hospital's composed DpEvent so far."""
+    if self._mixed:
+      mix = self._mix()
+      return [self._mix_event({int(u): int(mix[u]) for u in np.flatnonzero(mix)} or {0: 0})
+              ] * self.num_hospitals
     return [events.hospital_event(self._events[u], int(c))
             for u, c in zip(self._index, self._counts)]
 
   def snapshot(self, round_index: int) -> np.ndarray:
     """Appends the current per-hospital epsilons to `history` and returns them."""
     eps = self.epsilons()
-    self.history.append({"round": int(round_index), "epsilon": [float(e) for e in eps],
+    detail = self.num_hospitals <= PER_HOSPITAL_DETAIL
+    self.history.append({"round": int(round_index),
+                         "epsilon": eps.tolist() if detail else None,
                          "max_epsilon": float(eps.max())})
     return eps
 
@@ -278,8 +393,10 @@ class PrivacyLedger:
         "per_round_events": [events.event_to_dict(e) for e in self._events],
         "hospital_event_index": self._index.tolist(),
         "composition_counts": self._counts.tolist(),
-        "hospital_events": [events.event_to_dict(e) for e in self.hospital_events()],
-        "epsilon": [float(e) for e in eps],
+        **({"round_event_index": list(self._round_index)} if self._mixed else {}),
+        "hospital_events": ([events.event_to_dict(e) for e in self.hospital_events()]
+                            if self.num_hospitals <= PER_HOSPITAL_DETAIL else None),
+        "epsilon": eps.tolist(),
         "max_epsilon": float(eps.max()),
         "history": list(self.history),
         "dp_accounting_version": importlib.metadata.version("dp-accounting"),

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from privacy import clipping
-from privacy.secure_agg import encoding, graph, masking, shamir
+from privacy.secure_agg import encoding, graph, shamir
 
 # Domains folded into a hospital's round key.
 _SK, _SELF, _ROUNDING, _SHARES, _PUBLIC, _NOISE = 0, 1, 2, 3, 4, 5
@@ -113,6 +113,11 @@ def agreed_key(sk: jax.Array, other_pk: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(_wrap(lo), hi[0]), hi[1])
 
 
+def mask_from_seed(seed: jax.Array, d: int, bits: int) -> jax.Array:
+  """PRG(seed): the mask a seed (key) expands to, uint32 `[d]` uniform on [0, 2^bits)."""
+  return jax.random.bits(seed, (d,), jnp.uint32) & encoding.ring_mask(bits)
+
+
 def _signed(mask: jax.Array, positive: jax.Array) -> jax.Array:
   return jnp.where(positive, mask, jnp.uint32(0) - mask)
 
@@ -124,10 +129,10 @@ def masked_input(spec: Spec, x: jax.Array, inp: ClientInputs) -> jax.Array:
 
   def add(total, neighbour):
     v, pk, ok = neighbour
-    m = masking.mask_from_seed(agreed_key(sk, pk), d, spec.bits)
+    m = mask_from_seed(agreed_key(sk, pk), d, spec.bits)
     return total + jnp.where(ok, _signed(m, inp.slot < v), jnp.uint32(0)), None
 
-  start = x + masking.mask_from_seed(_wrap(_derive(inp.secret, _SELF)), d, spec.bits)
+  start = x + mask_from_seed(_wrap(_derive(inp.secret, _SELF)), d, spec.bits)
   total, _ = jax.lax.scan(add, start, (inp.neighbours, inp.neighbour_keys, inp.neighbour_ok))
   return total & encoding.ring_mask(spec.bits)
 
@@ -192,18 +197,44 @@ def plan_round(rng: np.random.Generator, *, n: int, capacity: int, neighbours: i
                round_index: int) -> RoundPlan:
   """Draws the round's graph and dropouts; raises `SecureAggregationError` if unrecoverable.
 
-  Each hospital drops before sending with probability `dropout_before`, else after sending
-  with probability `dropout_after`. The server needs b_u for every sender and sk_u for every
-  hospital that dropped before sending but has a sending neighbour, each from t shares held
-  by survivors (u and its neighbours hold u's shares); and at least t inputs.
+  Dropouts come first from `rng` (`draw_dropouts`, independent of `capacity`), then the
+  graph. The server needs b_u for every sender and sk_u for every hospital that dropped
+  before sending but has a sending neighbour, each from t shares held by survivors (u and
+  its neighbours hold u's shares); and at least t inputs.
   """
+  pad = lambda a: np.concatenate([a, np.zeros(capacity - n, bool)])
+  sent, alive = (pad(a) for a in draw_dropouts(rng, n, dropout_before, dropout_after))
   g = graph.neighbour_graph(rng, n=n, capacity=capacity, k=neighbours)
-  cohort = np.arange(capacity) < n
-  before = cohort & (rng.random(capacity) < dropout_before)
-  after = cohort & ~before & (rng.random(capacity) < dropout_after)
-  plan = RoundPlan(n, g, cohort & ~before, cohort & ~before & ~after, threshold)
+  plan = RoundPlan(n, g, sent, alive, threshold)
   check_round(plan, round_index)
   return plan
+
+
+def draw_dropouts(rng: np.random.Generator, n: int, before: float,
+                  after: float) -> tuple[np.ndarray, np.ndarray]:
+  """`(sent, alive)`, bool [n]: each hospital drops before sending with probability `before`,
+  else after sending with probability `after`. Depends on n only (not on padding), so the
+  senders of a round can be replayed from the config (`fedsim.aggregation.round_senders`).
+  """
+  u = rng.random((2, n))
+  sent = u[0] >= before
+  return sent, sent & (u[1] >= after)
+
+
+def surviving_noise_multiplier(noise_multiplier: float, *, senders: int, threshold: int) -> float:
+  """The noise multiplier the accountant charges a round of distributed noise with `senders`.
+
+  Each share is sized so that t - 1 shares carry `noise_multiplier` (`distributed_noise`). A
+  released sum that involves a given hospital has >= t senders, the others' shares at least
+  max(senders - 1, t - 1) of them, whether the hospital was among the senders or not
+  (docs/secure_aggregation.md): z sqrt(max(m - 1, t - 1) / (t - 1)).
+
+  >>> surviving_noise_multiplier(1.0, senders=10, threshold=4)
+  1.7320508075688772
+  >>> surviving_noise_multiplier(1.0, senders=0, threshold=4)  # an empty cohort
+  1.0
+  """
+  return float(noise_multiplier * np.sqrt(max(senders - 1, threshold - 1) / (threshold - 1)))
 
 
 def check_round(plan: RoundPlan, round_index: int) -> None:
@@ -287,11 +318,11 @@ def unmask(bits: int, masked: jax.Array, secrets: RoundSecrets, neighbours: jax.
     limbs = jnp.where(sent[u], shares[:, _LIMBS:], shares[:, :_LIMBS])
     x = jnp.arange(1, shares.shape[0] + 1)
     secret = shamir.field_to_words(shamir.reconstruct_subset(x, limbs, first))
-    self_mask = masking.mask_from_seed(_wrap(secret), d, bits)
+    self_mask = mask_from_seed(_wrap(secret), d, bits)
 
     def add(total, neighbour):
       v, ok = neighbour
-      m = masking.mask_from_seed(agreed_key(secret, secrets.public[v]), d, bits)
+      m = mask_from_seed(agreed_key(secret, secrets.public[v]), d, bits)
       # v's input holds s_vu m: +m if v < u.
       return total + jnp.where(ok & sent[v], _signed(m, v < u), jnp.uint32(0)), None
 

@@ -9,19 +9,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dp_accounting import dp_event as dpe
+from dp_accounting import rdp
 from jax import flatten_util
 
-from fedsim import aggregation, blocks, sampling, simulation
+from fedsim import aggregation, blocks, privacy_plan, sampling, simulation
 from fedsim import config as config_lib
 from fedsim import round as round_lib
 from fedsim.client import ClientData
+from privacy import accountants
 from privacy.secure_agg import protocol
 from tests.conftest import tiny_config
 
 
-def _config(**secure_agg):
+def _config(level="none", **secure_agg):
   c = tiny_config()
-  c.dp.level = "none"
+  c.dp.level = level
   c.client.learning_rate = 0.1
   c.secure_agg.update(dict(enabled=True, clip_norm=1e4, scale=2.0**12), **secure_agg)
   return c
@@ -29,9 +32,10 @@ def _config(**secure_agg):
 
 @pytest.fixture(scope="module")
 def plain(tiny_fed):
-  """The plaintext round; its config's other secure_agg fields are not read while disabled."""
+  """The plaintext round of patient-level DP-SGD; its config's other secure_agg fields are
+  not read while disabled."""
   c = tiny_config()
-  c.dp.level = "none"
+  c.dp.level = "patient"
   c.client.learning_rate = 0.1
   c.secure_agg.update(bits=3, scale=1.0, threshold=99, dropout_before=0.9)
   setup = round_lib.Setup(c, tiny_fed)
@@ -44,28 +48,46 @@ def plain(tiny_fed):
 
 @pytest.fixture(scope="module")
 def secure(tiny_fed):
-  return round_lib.Setup(_config(), tiny_fed)
+  """The same round under secure aggregation with 32 bits (PriMIA's combination: DP-SGD
+  inside the hospitals, secure aggregation across them)."""
+  return round_lib.Setup(_config("patient"), tiny_fed)
 
 
 def _flat(tree):
   return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
 
 
-def test_secure_round_matches_the_plaintext_round_to_quantisation_error(plain, secure):
-  _, state, expected = plain
+def test_secure_run_matches_the_plaintext_run_to_quantisation_error(plain, secure):
+  """Same keys, so the same DP-SGD-noised deltas: the secure sum is the plaintext one up to
+  quantisation, and so are the models after one and two rounds."""
+  plain_setup, state, expected = plain
   new_state, out = round_lib.round_step(secure, state, 1)
   got, want = _flat(out.sums.delta_sum), _flat(expected.sums.delta_sum)
   # 3 hospitals, weights <= counts: each rotated coordinate moves < weight / scale.
   weights = float(expected.sums.weight_sum)
   bound = weights * np.sqrt(secure.secure_agg.spec.padded) / secure.secure_agg.spec.scale
   err = np.linalg.norm(got - want)
-  assert 0 < err < bound
+  assert 0 < err < bound < 0.1 * np.linalg.norm(want)
   assert float(out.sums.weight_sum) == weights
   stats = {k: float(v) for k, v in out.secure_agg.items()}
   assert stats["secagg_overflows"] == 0 and stats["secagg_survivors"] == 3
   np.testing.assert_allclose(stats["secagg_quantisation_error"],
                              err / np.linalg.norm(want), rtol=1e-3)
   assert int(new_state.round) == 1
+  # The server's first step is linear in the mean delta (fedavgm, lr 1, no momentum yet):
+  # the models differ by the decoded sum's error over the weights.
+  model_err = np.linalg.norm(_flat(out.model) - _flat(expected.model))
+  np.testing.assert_allclose(model_err, err / weights, rtol=1e-2)
+  # A second round from each side's model: the models differ by round 1's error carried by
+  # the momentum, (1 + 0.9) model_err, plus round 2's own rounding (and a little drift,
+  # since the gradients were taken at slightly different models).
+  plain_state = round_lib.round_step(plain_setup, state, 1)[0]
+  plain2, secure2 = (round_lib.round_step(setup, s, 2)[1]
+                     for setup, s in ((plain_setup, plain_state), (secure, new_state)))
+  err2 = float(secure2.secure_agg["secagg_quantisation_error"]) * np.linalg.norm(
+      _flat(secure2.sums.delta_sum)) / float(secure2.sums.weight_sum)
+  diff2 = np.linalg.norm(_flat(secure2.model) - _flat(plain2.model))
+  assert 0 < diff2 < 1.1 * (1.9 * model_err + err2)
 
 
 def _toy_secure_agg(block, neighbours=0):
@@ -78,18 +100,20 @@ def _toy_secure_agg(block, neighbours=0):
       noise_multiplier=0.0)
 
 
+_TRACES = []
+
+
 def _toy_update(params, data, key, hparams):
   del params, key, hparams
+  _TRACES.append(None)  # once per compilation of a block program
   return {"a": data.images, "b": data.labels}, {}
 
 
-def _toy_round(secure, chunk, round_index):
+def _toy_round(secure, block_fn, round_index):
   """The block program over blocks of `secure.block` slots; the server's decoded sum."""
   cohort = np.array([0, 2, 3, 5, 7, 8])
   rng = np.random.default_rng(1)
   images, labels = rng.normal(size=(10, 4)).astype(np.float32), rng.normal(size=10)
-  block_fn = blocks.make_block_fn(_toy_update, weighting="uniform", chunk=chunk,
-                                  aggregate=secure.aggregate)
   round_ = secure.begin_round(cohort, round_index)
   total = None
   for index, (ids, valid) in enumerate(sampling.chunk_ids(cohort, secure.block)):
@@ -103,11 +127,18 @@ def _toy_round(secure, chunk, round_index):
 
 
 def test_chunks_and_blocks_add_up_to_one_secure_sum():
-  # Round 2 of seed 0: 2 of 6 drop before sending; round 5: 1 before and 1 after.
-  for r, before, after in ((2, 2, 0), (5, 1, 1)):
-    (one, (sums, stats), (a, b)), (split, _, _) = [
-        _toy_round(_toy_secure_agg(block), chunk, r) for block, chunk in ((8, 8), (4, 2))]
-    # One block of 8 vmapped vs two blocks scanned in two chunks each: the same modular sum.
+  """One block of 8 vmapped vs two blocks scanned in two chunks each, over two rounds with
+  other dropouts and masks (and no recompilation)."""
+  setups = []
+  for block, chunk in ((8, 8), (4, 2)):
+    secure = _toy_secure_agg(block)
+    setups.append((secure, blocks.make_block_fn(_toy_update, weighting="uniform", chunk=chunk,
+                                                aggregate=secure.aggregate)))
+  traces = []
+  # Round 8 of seed 0: 2 of 6 drop before sending; round 5: 1 before and 1 after.
+  for r, before, after in ((8, 2, 0), (5, 1, 1)):
+    traces.append(len(_TRACES))
+    (one, (sums, stats), (a, b)), (split, _, _) = [_toy_round(*s, r) for s in setups]
     np.testing.assert_array_equal(one.delta_sum.masked, split.delta_sum.masked)
     assert (stats["secagg_dropped_before"], stats["secagg_dropped_after"]) == (before, after)
     # Each of <= 6 senders moves each of 8 rotated coordinates by < 1/scale.
@@ -116,6 +147,7 @@ def test_chunks_and_blocks_add_up_to_one_secure_sum():
     np.testing.assert_allclose(stats["secagg_quantisation_error"],
                                err / np.linalg.norm(np.append(a, b)), rtol=1e-3)
     assert int(stats["secagg_overflows"]) == 0
+  assert traces[0] < traces[1] == len(_TRACES)  # round 5 compiled nothing new
 
 
 def test_dropouts_are_recovered_and_reported(secure, plain):
@@ -176,18 +208,29 @@ def test_client_level_dp_bounds_the_range_by_its_clip_norm():
     config_lib.validate(config)
 
 
-def test_secure_aggregation_over_patient_level_dp_sgd(tiny_fed):
-  """PriMIA's combination: DP-SGD inside hospitals, secure aggregation across them. Same keys,
-  so the same noised deltas: the secure sum is the plaintext one up to quantisation."""
-  c = tiny_config()
-  c.dp.level = "patient"
-  plain_setup = round_lib.Setup(c, tiny_fed)
-  state = round_lib.init_state(plain_setup)
-  want = _flat(round_lib.round_step(plain_setup, state, 1)[1].sums.delta_sum)
-  c.secure_agg.update(enabled=True, clip_norm=1e4, scale=2.0**12)
-  secure_setup = round_lib.Setup(c, tiny_fed)
-  out = round_lib.round_step(secure_setup, state, 1)[1]
-  spec = secure_setup.secure_agg.spec
-  bound = float(out.sums.weight_sum) * np.sqrt(spec.padded) / spec.scale
-  assert 0 < np.linalg.norm(_flat(out.sums.delta_sum) - want) < bound < 0.1 * np.linalg.norm(want)
-  assert float(out.secure_agg["secagg_overflows"]) == 0
+def test_the_ledger_charges_the_distributed_noise_that_survived(tiny_fed, workdir):
+  """Client-level DP with Skellam shares and dropouts: each round is charged the noise its
+  senders carried (metrics' secagg_noise_multiplier), composed as dp_accounting would."""
+  config = _config(clip_norm=0.0, scale=0.0, bits=32, threshold=2, dropout_before=0.3,
+                   distributed_noise="skellam")
+  config.dp.level, config.dp.noise_multiplier = "client", 1.0
+  config.client_sampling_rate, config.num_rounds = 0.5, 3
+  summary = simulation.train(round_lib.Setup(config, tiny_fed), workdir, progress=False)
+  assert summary["rounds"] == 3 and summary["stopped_early"] is None
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  z = [row["secagg_noise_multiplier"] for row in rows]
+  assert sum(row["secagg_dropped_before"] for row in rows) > 0 and max(z) > 1.0
+  for r, row in enumerate(rows, 1):  # the live round's senders, replayed from the config
+    senders = row["secagg_survivors"] + row["secagg_dropped_after"]
+    assert z[r - 1] == protocol.surviving_noise_multiplier(1.0, senders=senders, threshold=2)
+    assert aggregation.charged_noise_multiplier(config, r) == z[r - 1]
+  by_hand = dpe.ComposedDpEvent([
+      dpe.PoissonSampledDpEvent(0.5, dpe.GaussianDpEvent(zr)) for zr in z])
+  want = rdp.RdpAccountant(accountants.RDP_ORDERS).compose(by_hand).get_epsilon(1e-5)
+  assert summary["epsilon"] == pytest.approx(want, rel=1e-9)
+  configured = rdp.RdpAccountant(accountants.RDP_ORDERS).compose(
+      dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(0.5, dpe.GaussianDpEvent(1.0)), 3))
+  assert want < configured.get_epsilon(1e-5)
+  # A resumed run, `compute_epsilon --config` and sweeps replay the same charges.
+  assert privacy_plan.ledger_preview(config).max_epsilon() == summary["epsilon"]

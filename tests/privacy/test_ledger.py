@@ -180,3 +180,32 @@ def test_pld_ledger_builds_each_step_once():
   record.epsilons()
   assert all(record._steps[u][0] is step for u, (step, _) in steps.items())
   np.testing.assert_array_equal(first, record._epsilons_at(masks[0].astype(np.int64)))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_client_level_rounds_charged_their_own_noise_match_dp_accounting(accountant):
+  """Per-round noise multipliers (the distributed noise that survived dropouts) are composed
+  as dp_accounting composes the rounds' events one by one."""
+  z = [1.0, 1.4, 1.0, 1.2, 1.4]
+  record = ledger.PrivacyLedger.for_client_level(
+      num_hospitals=30, sampling_rate=0.2, noise_multiplier=1.0, delta=1e-5,
+      accountant=accountant, pld_discretization=COARSE_PLD)
+  for sigma in z:
+    record.record_round(None, noise_multiplier=sigma)
+  by_hand = dpe.ComposedDpEvent([poisson(0.2, sigma, 1) for sigma in z])
+  direct = direct_rdp if accountant == "rdp" else direct_pld
+  want = direct(by_hand, 1e-5)
+  np.testing.assert_allclose(record.epsilons(), want, rtol=1e-9 if accountant == "rdp" else 1e-6)
+  # More noise than configured costs less; the configured z every round costs the most.
+  assert want < direct(poisson(0.2, 1.0, 5), 1e-5)
+  data = record.to_json()
+  assert data["round_event_index"] == [0, 1, 0, 2, 1]
+  assert [e["event"]["event"]["noise_multiplier"] for e in data["per_round_events"]] == [
+      1.0, 1.4, 1.2]
+  composed = events.event_from_dict(data["hospital_events"][0])
+  assert accountants.epsilon(composed, 1e-5, accountant,
+                             pld_discretization=COARSE_PLD) == pytest.approx(want, rel=1e-6)
+  ahead = record.epsilons_after(None, noise_multiplier=3.0)[0]
+  assert record.epsilons()[0] < ahead < record.epsilons_after(None)[0]
+  with pytest.raises(ValueError, match=r"^noise_multiplier=1.0 must be None \(a round's own"):
+    _example_ledger()[0].record_round(np.ones(6, bool), noise_multiplier=1.0)

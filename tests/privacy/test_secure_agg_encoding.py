@@ -110,26 +110,31 @@ def test_hadamard_matches_scipy():
   np.testing.assert_allclose(encoding._hadamard(x), expected, rtol=1e-5, atol=1e-5)
 
 
+# Jitted as the round runs them (one compilation per shape, not one per eager op).
+_rotate = jax.jit(encoding.rotate)
+_unrotate = jax.jit(encoding.unrotate, static_argnums=2)
+
+
 def test_rotation_is_orthogonal_and_invertible():
   key = jax.random.key(10)
   x = jax.random.normal(jax.random.key(11), (3, 37))
-  y = encoding.rotate(key, x)
+  y = _rotate(key, x)
   assert y.shape == (3, 64)
   np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
-  np.testing.assert_allclose(encoding.unrotate(key, y, 37), x, atol=1e-5)
+  np.testing.assert_allclose(_unrotate(key, y, 37), x, atol=1e-5)
   # As a matrix (rows: rotated basis vectors of the padded space) it is orthogonal.
-  m = np.asarray(encoding.rotate(key, jnp.eye(64)))
+  m = np.asarray(_rotate(key, jnp.eye(64)))
   np.testing.assert_allclose(m @ m.T, np.eye(64), atol=1e-5)
   # Random signs from the key: another key gives another rotation; the wrong key does not invert.
-  assert not np.allclose(encoding.rotate(jax.random.key(12), x), y, atol=1e-3)
-  assert not np.allclose(encoding.unrotate(jax.random.key(12), y, 37), x, atol=1e-3)
+  assert not np.allclose(_rotate(jax.random.key(12), x), y, atol=1e-3)
+  assert not np.allclose(_unrotate(jax.random.key(12), y, 37), x, atol=1e-3)
 
 
 def test_rotation_spreads_a_spike_and_commutes_with_the_sum():
   key = jax.random.key(13)
   spike = jnp.zeros(50).at[17].set(8.0)
-  y = encoding.rotate(key, spike)
+  y = _rotate(key, spike)
   np.testing.assert_allclose(jnp.abs(y), jnp.full(64, 1.0), rtol=1e-5)  # 8 / sqrt(64)
   x = jax.random.normal(jax.random.key(14), (4, 50))
-  np.testing.assert_allclose(encoding.rotate(key, x).sum(0), encoding.rotate(key, x.sum(0)),
+  np.testing.assert_allclose(_rotate(key, x).sum(0), _rotate(key, x.sum(0)),
                              atol=1e-4)

@@ -3,13 +3,15 @@
 Chunking, blocks and rotation inside the compiled round: tests/fedsim/test_secure_agg_round.py.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 
-from privacy.secure_agg import encoding, graph, protocol
+from privacy.secure_agg import graph, protocol
 
 CAPACITY, N, D, BITS, SCALE = 8, 7, 21, 20, 16.0
 chunk_sums = jax.jit(protocol.chunk_sums, static_argnums=0)
@@ -28,8 +30,10 @@ def _plan(k, threshold, sent, alive, seed=0):
   return plan
 
 
-def _round(spec, plan, x, chunk):
-  """The hospitals' chunk sums added up, then the server's unmasking: (sums, ring total)."""
+def _round(spec, plan, x, chunk, server_sent=None):
+  """The hospitals' chunk sums added up, then the server's unmasking: (sums, ring total).
+
+  `server_sent`: who the server believes sent (default: who did)."""
   hospital_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(5),
                                                           jnp.arange(CAPACITY))
   secrets = protocol.deal(jax.random.key_data(hospital_keys), plan.threshold,
@@ -44,7 +48,8 @@ def _round(spec, plan, x, chunk):
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   ring = protocol.unmask(spec.bits, total.masked, secrets, jnp.asarray(plan.graph.neighbours),
                          jnp.asarray(plan.graph.valid), jnp.arange(CAPACITY) < N,
-                         jnp.asarray(plan.sent), jnp.asarray(plan.alive), plan.threshold)
+                         jnp.asarray(plan.sent if server_sent is None else server_sent),
+                         jnp.asarray(plan.alive), plan.threshold)
   return total, ring, rotation
 
 
@@ -113,6 +118,18 @@ def test_fewer_than_t_survivors_fails_loudly_naming_the_round():
                           threshold=3, dropout_before=0.0, dropout_after=0.3, round_index=2)
 
 
+def test_dropouts_do_not_depend_on_the_padding_of_the_cohort():
+  """The ledger replays a round's senders from the config: the same n draws the same."""
+  plans = [protocol.plan_round(np.random.default_rng(3), n=7, capacity=c, neighbours=k,
+                               threshold=1, dropout_before=0.3, dropout_after=0.3,
+                               round_index=1) for c, k in ((8, 0), (16, 0), (16, 4))]
+  for plan in plans:
+    np.testing.assert_array_equal(plan.sent[:7], plans[0].sent[:7])
+    np.testing.assert_array_equal(plan.alive[:7], plans[0].alive[:7])
+    assert not plan.sent[7:].any()
+  assert 0 < plans[0].sent.sum() < 7 and plans[0].alive.sum() < plans[0].sent.sum()
+
+
 def test_secagg_plus_graph_is_k_regular_symmetric_and_fresh_each_round():
   n, k = 20, 6
   graphs = [graph.neighbour_graph(np.random.default_rng(r), n=n, capacity=24, k=k)
@@ -126,33 +143,54 @@ def test_secagg_plus_graph_is_k_regular_symmetric_and_fresh_each_round():
   assert not np.array_equal(graphs[0].neighbours, graphs[1].neighbours)
 
 
+@pytest.mark.parametrize("bits", [8, 32])
+def test_exact_sums_at_the_ring_edges_and_the_dropout_correction_is_needed(bits):
+  """8 bits wrap, 32 bits use every uint32 bit; ignoring the dropouts leaves masks behind."""
+  spec = dataclasses.replace(_spec(), bits=bits)
+  sent = [True, False, True, True, False, True, True]
+  plan = _plan(0, threshold=4, sent=sent, alive=sent)
+  x, q = _integer_updates(2)
+  _, ring, _ = _round(spec, plan, x, chunk=4)
+  expected = q[plan.sent].sum(0) % 2**bits
+  np.testing.assert_array_equal(np.asarray(ring), expected)
+  _, as_if_none_dropped, _ = _round(spec, plan, x, chunk=4, server_sent=np.arange(CAPACITY) < N)
+  assert not np.array_equal(np.asarray(as_if_none_dropped), expected)
+
+
 # Chi-square rejects at 1e-6 (false-failure probability; deterministic with the fixed seeds).
 _ALPHA = 1e-6
 
 
-@pytest.mark.parametrize("value", [0.0, 50.0])
-def test_a_single_masked_input_is_uniform_whatever_the_plaintext(value):
-  bits, d = 8, 4096
+@pytest.mark.parametrize("bits", [8, 32])
+def test_a_single_masked_input_is_uniform_and_independent_of_its_plaintext(bits):
+  """One hospital's masked input over 4096 coordinates, for a zero and a spiky plaintext:
+  each histogram (top 8 bits) uniform, the two alike, and the unmasked spiky one not."""
+  d, top = 4096, 8
   spec = protocol.Spec(bits=bits, scale=1.0, clip_norm=1e9, rotate=False, size=d)
   inputs = protocol.ClientInputs(
       jnp.array([3, 4], jnp.uint32), jnp.int32(0), jnp.array([1, 2]),
       jnp.array([[7, 8], [9, 10]], jnp.uint32), jnp.array([True, True]), jnp.bool_(True),
       jnp.array([0, 0], jnp.uint32))
-  x = jnp.full((d,), value)
-  y = protocol.masked_input(spec, encoding.encode(jax.random.key(0), x, scale=1.0, bits=bits),
-                            inputs)
-  counts = np.bincount(np.asarray(y), minlength=2**bits)
-  assert scipy.stats.chisquare(counts).pvalue > _ALPHA
+  spiky = jnp.full((d,), 2**bits - 1, jnp.uint32).at[::2].set(2 ** (bits - 1))
+  histogram = lambda v: np.bincount(np.asarray(v) >> (bits - top), minlength=2**top)
+  hists = [histogram(protocol.masked_input(spec, x, inputs))
+           for x in (jnp.zeros((d,), jnp.uint32), spiky)]
+  for h in hists:
+    assert scipy.stats.chisquare(h).pvalue > _ALPHA
+  assert scipy.stats.chi2_contingency(np.stack(hists))[1] > _ALPHA
+  assert scipy.stats.chisquare(histogram(spiky)).pvalue < _ALPHA  # the test has power
 
 
-def test_distributed_noise_of_the_senders_has_the_target_variance():
-  """Skellam shares of t - 1 = 2 senders carry (z D)^2; 7 senders carry 7/2 of it."""
+@pytest.mark.parametrize("noise", ["skellam", "gaussian"])
+def test_distributed_noise_of_the_senders_has_the_target_variance(noise):
+  """Shares of t - 1 = 2 senders carry (z D)^2; 7 senders carry 7/2 of it. (Gaussian shares
+  are rounded too: + <= 1/4 step^2 each, 4e-5 of the variance here.)"""
   d, z, scale, t = 2048, 1.0, 64.0, 3
   stddev = protocol.distributed_noise(noise_multiplier=z, clip_norm=1.0, scale=scale,
                                       padded=d, threshold=t)
   np.testing.assert_allclose(stddev**2 * (t - 1), (z * (scale + np.sqrt(d)))**2)
   spec = protocol.Spec(bits=32, scale=scale, clip_norm=1.0, rotate=False, size=d,
-                       noise="skellam", noise_stddev=stddev)
+                       noise=noise, noise_stddev=stddev)
   plan = _plan(0, threshold=t, sent=ALL, alive=ALL)
   hospital_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(8),
                                                           jnp.arange(CAPACITY))
