@@ -28,7 +28,13 @@ _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace a run of another config (or a finished one) in --workdir.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host clusters).")
+    "distributed", False,
+    "One federation over several processes' devices (jax.distributed.initialize). The "
+    "three flags below, or the cluster's environment (SLURM, Open MPI, TPU) when unset.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "--distributed: host:port of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed: processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed: this process, 0-based.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -66,23 +72,48 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and jax are chatty at INFO
   import jax  # after flag parsing, so --help is fast
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  config, workdir, overwrite = _CONFIG.value, _WORKDIR.value, _OVERWRITE.value
   from fedsim import workdir as workdir_lib
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  if _DISTRIBUTED.value:
+    workdir, overwrite = _initialize_distributed(jax, workdir, config)
   if "sweep" in config:  # many runs, one table (fedsim/sweep.py)
     return _sweep(config, workdir)
   try:  # workdir, config, data and privacy parameters: one clear line, before any compute
     workdir_lib.check_writable(workdir, create=False)  # the run creates it
-    workdir_lib.check_run(workdir, config, overwrite=_OVERWRITE.value)
+    workdir_lib.check_run(workdir, config, overwrite=overwrite)
     runner = _runner(config)
     setup = runner.prepare(config)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  summary = runner.train(setup, workdir, progress=_PROGRESS.value,
-                         overwrite=_OVERWRITE.value)
+  summary = runner.train(setup, workdir, progress=_PROGRESS.value and jax.process_index() == 0,
+                         overwrite=overwrite)
   logging.info("summary: %s", summary)
   print(runner.format_summary(summary, workdir))
+
+
+def _initialize_distributed(jax, workdir: str, config) -> tuple[str, bool]:
+  """Joins the processes of one federation; returns where this process writes (and
+  whether it replaces what is there).
+
+  Process 0 writes the run record (and the checkpoints) to --workdir; process i > 0
+  writes its copy of the record, unread, to WORKDIR.process<i>. Resuming an unfinished
+  distributed run is refused (every process must resume from one checkpoint: not yet).
+  """
+  from jax.experimental import multihost_utils
+
+  from fedsim import workdir as workdir_lib
+  # CPU devices talk over gloo (a rehearsal on one machine); GPUs use NCCL regardless.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  done = 0 if _OVERWRITE.value else workdir_lib.resume_round(workdir, config)
+  multihost_utils.sync_global_devices("fedsim: resume checked")  # before process 0 writes
+  if done:
+    sys.exit(f"error: --workdir={workdir} holds an unfinished run (round {done}); resuming "
+             "a --distributed run is not supported yet: pass --overwrite to start again")
+  index = jax.process_index()
+  if index == 0:
+    return workdir, _OVERWRITE.value
+  return f"{workdir.rstrip(os.sep)}.process{index}", True  # a scratch copy, replaced
 
 
 def _runner(config):

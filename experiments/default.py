@@ -23,6 +23,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = "classification"     # classification | segmentation (experiments/segmentation.py)
   c.num_clients = 100            # seen hospitals (training population)
   c.num_rounds = 30
   c.clients_per_round = 25       # fixed-size cohort; ignored when client_sampling_rate > 0
@@ -33,15 +34,24 @@ def get_config() -> ml_collections.ConfigDict:
                                  # unfinished run resumes from the latest, bit for bit
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"    # synthetic | medmnist | image_folder | tfds
+  c.data.source = "synthetic"    # synthetic | medmnist | image_folder | tfds | dicom | nifti
   c.data.path = ""               # file or folder; for tfds the data set name
   c.data.data_dir = ""           # tfds data_dir
   c.data.image_size = 28
+  c.data.max_slices_per_patient = 0  # nifti: at most this many slices per volume (0: all)
   c.data.examples_per_client = 600  # synthetic: mean images per hospital (all splits)
+  c.data.population = "in_memory"  # in_memory | on_demand: synthetic hospitals drawn from
+                                 # (seed, hospital) when sampled; memory bounded by the cohort
+  c.data.eval_hospitals = 100    # on_demand: seen hospitals whose test split is evaluated
   c.data.partition = "prevalence"  # iid | dirichlet | prevalence | quantity | natural
   c.data.alpha = 1.0             # dirichlet concentration (smaller: more label skew)
   c.data.quantity_power = 1.5    # quantity skew: power-law exponent of hospital sizes
   c.data.site_csv = ""           # natural partition of real data: CSV image-or-patient -> site
+  c.data.labels_csv = ""         # dicom: CSV key (path|SOPInstanceUID|...) -> label[, site]
+  c.data.site_field = ""         # dicom: header keyword giving the site, e.g. InstitutionName
+  c.data.window_center = 0.0     # dicom: fixed VOI window (LINEAR) when window_width > 0;
+  c.data.window_width = 0.0      # 0: each file's Window Center / Width
+  c.data.skip_unreadable = False  # dicom: skip (warn) files that are not readable images
   c.data.num_unseen = 5          # hospitals held out entirely (evaluated only)
   c.data.val_fraction = 0.1      # of each hospital's patients
   c.data.test_fraction = 0.2

@@ -14,6 +14,7 @@ once, whatever the cohort size (fixed or Poisson) and however many rounds it run
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import jax
@@ -50,15 +51,19 @@ def client_data(arrays: ClientArrays) -> ClientData:
                     arrays.num_patients)
 
 
-def gather(train: ClientArrays, cohort: np.ndarray, block: int) -> Iterator[Block]:
+def gather(train: ClientArrays, cohort: np.ndarray, block: int,
+           rows: slice = slice(None)) -> Iterator[Block]:
   """The cohort's clients, `block` at a time (only they leave host memory).
 
   The last block is padded with invalid clients of count 0; an empty (Poisson)
   cohort gives one all-padding block, so the round still has a sum (of zeros).
+  `rows`: only these rows of each block (one process's share of a block laid
+  out over several processes' devices).
   """
   blocks = sampling.chunk_ids(cohort, block) or [(np.zeros(block, np.int64),
                                                   np.zeros(block, bool))]
   for ids, valid in blocks:
+    ids, valid = ids[rows], valid[rows]
     arrays = train.take(ids)
     arrays = dataclasses.replace(arrays, counts=np.where(valid, arrays.counts, 0))
     yield Block(client_data(arrays), valid, ids)
@@ -159,16 +164,23 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
         out_specs=spec,
         check_vma=False)  # local steps make replicated params per-client (varying) carries
 
-  @jax.jit
+  # The running total is overwritten by each block: its buffers are donated.
+  @functools.partial(jax.jit, donate_argnums=0)
   def accumulate(total, params, data, valid, keys, hparams, inputs=None) -> RoundSums:
     return jax.tree.map(jnp.add, total, block_sums(params, data, valid, keys, hparams, inputs))
+
+  shapes = {}  # the sums' shapes per argument signature: traced once, not every round
 
   def block_fn(params, data: ClientData, valid, keys, hparams,
                total: Optional[RoundSums] = None, inputs=None) -> RoundSums:
     """`total` + this block's sums, in one call (zeros when `total` is None)."""
     if total is None:
-      total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-          block_sums, params, data, valid, keys, hparams, inputs))
+      args = (params, data, valid, keys, hparams, inputs)
+      signature = (jax.tree.structure(args), tuple(
+          (np.shape(x), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(args)))
+      if signature not in shapes:
+        shapes[signature] = jax.eval_shape(block_sums, *args)
+      total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[signature])
     return accumulate(total, params, data, valid, keys, hparams, inputs)
 
   block_fn.compiled = accumulate

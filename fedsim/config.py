@@ -13,10 +13,17 @@ from fedsim.client import CLIENT_OPTIMIZERS
 from privacy import adaptive_clipping, validation
 from privacy.secure_agg import protocol
 
-DATA_SOURCES = ("synthetic", "medmnist", "image_folder", "tfds")
+DATA_SOURCES = ("synthetic", "medmnist", "image_folder", "tfds", "dicom", "nifti")
+TASKS = ("classification", "segmentation")
+SEGMENTATION_SOURCES = ("synthetic", "nifti")  # sources with masks
+# data fields only the DICOM loader reads (fedsim/data/dicom.py); default: off
+DICOM_FIELDS = ("labels_csv", "site_field", "window_center", "window_width",
+                "skip_unreadable")
 DP_LEVELS = ("none", "example", "patient", "client")
 ACCOUNTANTS = ("rdp", "pld")
 CONV_CHOICES = ("auto",) + models.CONV_IMPLS
+POPULATIONS = ("in_memory", "on_demand")
+ON_DEMAND_PARTITIONS = ("iid", "prevalence")  # fedsim/data/population.py
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
@@ -80,6 +87,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   else:
     _check(bool(config.data.path), "data.path", config.data.path,
            f"set for data.source={config.data.source!r} (a file or folder)")
+  _validate_dicom(config)
+  _validate_task(config)
   fractions = config.data.val_fraction + config.data.test_fraction
   _check(0.0 <= config.data.val_fraction and 0.0 < config.data.test_fraction
          and fractions < 1.0, "data.test_fraction", config.data.test_fraction,
@@ -91,10 +100,67 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0.0 <= config.server.ema_decay < 1.0, "server.ema_decay", config.server.ema_decay,
          "in [0, 1) (0: off)")
   _one_of(config, "engine.conv", CONV_CHOICES)
+  _validate_population(config)
   _validate_dp(config)
   _validate_attack(config)
   _validate_secure_agg(config)
   _validate_audit(config)
+
+
+def _validate_dicom(config) -> None:
+  """DICOM-only fields are refused for other sources (they would not act)."""
+  data = config.data
+  if data.source != "dicom":
+    for name in DICOM_FIELDS:
+      _check(not data[name], f"data.{name}", data[name],
+             f"left unset for data.source={data.source!r} (read only by 'dicom')")
+    return
+  width = data.window_width
+  _check(width == 0 or width >= 1, "data.window_width", width,
+         ">= 1 (a fixed LINEAR window), or 0 for each file's Window Center / Width")
+  _check(width > 0 or data.window_center == 0, "data.window_center",
+         data.window_center, "left 0 unless data.window_width > 0")
+
+
+def _validate_task(config) -> None:
+  """`task`: the model, data source and features must fit it (masks or classes)."""
+  _one_of(config, "task", TASKS)
+  _int_at_least(config, "data.max_slices_per_patient", 0)
+  _check(config.data.source == "nifti" or not config.data.max_slices_per_patient,
+         "data.max_slices_per_patient", config.data.max_slices_per_patient,
+         f"0 for data.source={config.data.source!r} (read only by 'nifti')")
+  seg = config.task == "segmentation"
+  _check(seg == (config.model in models.SEGMENTATION_MODELS), "model", config.model,
+         f"one of {list(models.SEGMENTATION_MODELS)} for task='segmentation'" if seg else
+         f"not one of {list(models.SEGMENTATION_MODELS)} for task='classification'")
+  _check(seg or config.data.source != "nifti", "data.source", config.data.source,
+         "not 'nifti' for task='classification' (NIfTI volumes come with masks)")
+  if not seg:
+    return
+  _check(config.data.source in SEGMENTATION_SOURCES, "data.source", config.data.source,
+         f"one of {list(SEGMENTATION_SOURCES)} for task='segmentation'")
+  _check(config.data.image_size % 4 == 0, "data.image_size", config.data.image_size,
+         "a multiple of 4 for task='segmentation' (the U-Net pools twice)")
+  _check(not config.data.augment, "data.augment", True,
+         "False for task='segmentation' (augmentation would move images without their masks)")
+  _check(not config.audit.enabled, "audit.enabled", True,
+         "False for task='segmentation' (canaries are labelled images)")
+  _check(config.attack.kind == "none", "attack.kind", config.attack.kind,
+         "'none' for task='segmentation' (the attack studies are classification's)")
+
+
+def _validate_population(config) -> None:
+  """`data.population=on_demand` (fedsim/data/population.py): synthetic hospitals only."""
+  _one_of(config, "data.population", POPULATIONS)
+  if config.data.population == "in_memory":
+    return
+  _int_at_least(config, "data.eval_hospitals", 1)
+  needs = {"data.source": ("synthetic",), "task": ("classification",),
+           "data.partition": ON_DEMAND_PARTITIONS, "audit.enabled": (False,),
+           "attack.kind": ("none",)}
+  for field, allowed in needs.items():
+    _check(_get(config, field) in allowed, field, _get(config, field),
+           f"one of {list(allowed)} with data.population='on_demand'")
 
 
 def _validate_dp(config) -> None:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import itertools
 import json
 import math
 import os
 import platform
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def dumps(value: Any, *, indent: int | None = None) -> str:
   return json.dumps(to_json(value), indent=indent, allow_nan=False)
 
 
-def write_atomic(path: str, data: str | bytes) -> None:
+def write_atomic(path: str, data: str | bytes | Iterable[str | bytes]) -> None:
   """Writes `data` to `path` through `path + ".tmp"`, fsync and a rename.
 
   Either the whole new content is at `path` afterwards or `path` is as it was; the
@@ -79,7 +80,8 @@ def write_atomic(path: str, data: str | bytes) -> None:
   tmp = f"{path}.tmp"
   try:
     with open(tmp, "wb") as f:
-      f.write(data.encode() if isinstance(data, str) else data)
+      for chunk in [data] if isinstance(data, (str, bytes)) else data:  # or an iterable
+        f.write(chunk.encode() if isinstance(chunk, str) else chunk)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -92,10 +94,12 @@ def write_atomic(path: str, data: str | bytes) -> None:
 def write_json_atomic(path: str, payload: Any) -> None:
   """Writes `payload` as strict JSON (see `dumps`) to `path`, atomically.
 
-  The payload is serialised before anything touches the disk, so a value JSON
-  cannot hold raises `TypeError` and leaves `path` as it was.
+  A value JSON cannot hold raises `TypeError` and leaves `path` as it was. The text
+  is streamed to the temporary file, never held whole (a million hospitals' privacy
+  record would take 300 MB as one indented string); it equals `dumps(payload, indent=2)`.
   """
-  write_atomic(path, dumps(payload, indent=2) + "\n")
+  encoder = json.JSONEncoder(indent=2, allow_nan=False)
+  write_atomic(path, itertools.chain(encoder.iterencode(to_json(payload)), ["\n"]))
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -158,7 +162,10 @@ def plot_curves(history: list[dict], path: str) -> None:
 
   value = lambda row, key: np.nan if row.get(key) is None else row[key]
   private = any(row.get("epsilon") is not None for row in history)
-  panels = [("loss", "test loss"), ("accuracy", "test accuracy"), ("auroc", "macro AUROC")]
+  seg = "dice" in history[0]  # task=segmentation
+  utility = ("dice", "iou") if seg else ("accuracy", "auroc")
+  panels = [("loss", "test loss"), ("dice", "test Dice"), ("hd95", "Hausdorff-95 (px)")] if seg \
+      else [("loss", "test loss"), ("accuracy", "test accuracy"), ("auroc", "macro AUROC")]
   if private:
     panels += [("epsilon", "epsilon (max over hospitals)"), (None, "privacy-utility")]
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
@@ -166,7 +173,7 @@ def plot_curves(history: list[dict], path: str) -> None:
   for ax, (key, title) in zip(np.atleast_1d(axes), panels):
     if key is None:  # utility against the epsilon spent so far
       eps = [value(row, "epsilon") for row in history]
-      for metric, marker in (("accuracy", "o"), ("auroc", "s")):
+      for metric, marker in zip(utility, "os", strict=True):
         ax.plot(eps, [value(row, metric) for row in history], marker=marker, ms=3,
                 label=metric)
       ax.set_xlabel("epsilon")
@@ -174,8 +181,8 @@ def plot_curves(history: list[dict], path: str) -> None:
     else:
       ax.plot(rounds, [value(row, key) for row in history], marker="o", ms=3,
               label="seen hospitals")
-      if key == "accuracy" and "unseen_accuracy" in history[0]:
-        ax.plot(rounds, [value(row, "unseen_accuracy") for row in history], marker="s",
+      if key == utility[0] and f"unseen_{key}" in history[0]:
+        ax.plot(rounds, [value(row, f"unseen_{key}") for row in history], marker="s",
                 ms=3, label="unseen hospitals")
         ax.legend(fontsize=8)
       ax.set_xlabel("round")

@@ -21,6 +21,7 @@ only need to differ within a level:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -72,6 +73,13 @@ def _round_key(seed: int, round_index: int) -> jax.Array:
 
 def round_keys(seed: int, round_index: int) -> RoundKeys:
   """The keys of round `round_index` (1-based) of a run with `seed`."""
+  return _round_keys(seed, round_index)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _round_keys(seed: int, round_index) -> RoundKeys:
+  # One compiled call: five eager fold_ins took as long as a small round's clients
+  # (jax.profiler, XLA:CPU runs each eager op synchronously on the calling thread).
   key = _round_key(seed, round_index)
   return RoundKeys(*(jax.random.fold_in(key, p) for p in (CLIENTS, DELTA_NOISE, COUNT_NOISE)))
 

@@ -85,9 +85,15 @@ class Setup:
     # `canaries` (audit.enabled): already in `fed`; gradient canaries also enter DP-SGD.
     self.config, self.fed, self.canaries = config, fed, canaries
     steps = client_lib.schedule_from_config(config.client, fed.train.max_examples).num_steps
+    # Several processes (launch.py --distributed): one client mesh over all their devices.
+    distributed = jax.process_count() > 1
+    if distributed and (config.secure_agg.enabled or not config.engine.shard_clients):
+      raise ValueError("secure_agg.enabled=False and engine.shard_clients=True are needed "
+                       "with several processes (--distributed)")
     self.strategy = strategy.resolve(
         config.engine, cohort_size=expected_block(config), num_steps=steps,
-        devices=None if config.engine.shard_clients else 1)
+        devices=jax.device_count() if distributed else
+        None if config.engine.shard_clients else 1)
     self.schedule = client_lib.schedule_from_config(
         config.client, fed.train.max_examples, self.strategy.unroll)
     self.model = models.make_model(config.model, num_classes=fed.num_classes,
@@ -115,6 +121,9 @@ class Setup:
         transform=self.plan.transform, mesh=mesh,
         aggregate=self.secure_agg.aggregate if self.secure_agg else aggregation.aggregate)
     self.put = sharding.client_put(mesh) if mesh is not None else jax.device_put
+    self.processes = sharding.ProcessBlocks(mesh, self.strategy.block) if distributed else None
+    if self.processes is not None:
+      self.put = self.processes.put
     self.server_opt = server.server_optimizer(
         config.server.optimizer, momentum=config.server.momentum,
         beta2=config.server.beta2, tau=config.server.tau)
@@ -126,6 +135,12 @@ class Setup:
     self.privatize = self.plan.privatize
     self.update_clip_norm = self.plan.update_clip_norm
     self.server_step = jax.jit(functools.partial(server_step, self.server_opt, self.average))
+    # The training loop's variant: the old params, optimiser state and average are
+    # overwritten, so their buffers are donated (callers that keep the old state use
+    # `server_step`).
+    self.server_step_donated = jax.jit(
+        functools.partial(_server_step_donated, self.server_opt, self.average),
+        donate_argnums=0)
     self.predict = evaluation.make_predict_fn(self.apply_fn, mean=fed.mean, std=fed.std)
     self.hparams = hyperparameters(config)
 
@@ -166,8 +181,12 @@ def client_updates(setup: Setup, params: PyTree, cohort: np.ndarray, key: jax.Ar
   next block is gathered while the current one computes (async dispatch). With
   secure aggregation (`secure`), each block's hospitals mask what they send.
   """
-  total = None
-  for index, block in enumerate(blocks.gather(setup.fed.train, cohort, setup.strategy.block)):
+  total, rows = None, slice(None)
+  if setup.processes is not None:  # this process's rows of each block; replicated params
+    rows = setup.processes.rows
+    params, hparams = setup.processes.replicate((params, hparams))
+  for index, block in enumerate(blocks.gather(setup.fed.train, cohort, setup.strategy.block,
+                                              rows)):
     client_keys = blocks.client_keys(key, block.ids)
     valid, inputs = block.valid, None
     if secure is not None:
@@ -175,7 +194,7 @@ def client_updates(setup: Setup, params: PyTree, cohort: np.ndarray, key: jax.Ar
       inputs = setup.put(inputs)
     total = setup.block_fn(params, setup.put(block.data), setup.put(valid),
                            setup.put(client_keys), hparams, total, inputs)
-  return total
+  return total if setup.processes is None else setup.processes.local(total)
 
 
 def server_step(opt: optax.GradientTransformation, average, state: server.ServerState,
@@ -191,21 +210,40 @@ def server_step(opt: optax.GradientTransformation, average, state: server.Server
   return state.replace(clip_norm=clip_norm, round=round_index), evaluated
 
 
+def _server_step_donated(opt, average, carried: tuple, state: server.ServerState, *args):
+  """`server_step` with `carried = (params, opt_state, average)` apart, to donate them."""
+  params, opt_state, moving = carried
+  return server_step(opt, average, state.replace(params=params, opt_state=opt_state,
+                                                 average=moving), *args)
+
+
 def finish_round(setup: Setup, state: server.ServerState, sums: blocks.RoundSums,
                  round_keys: keys.RoundKeys, hparams: dict,
-                 round_index: int) -> tuple[server.ServerState, PyTree]:
-  """Stages 6-7: privatize the round's sums, step the server; `(state, evaluated params)`."""
+                 round_index: int, *, donate: bool = False) -> tuple[server.ServerState, PyTree]:
+  """Stages 6-7: privatize the round's sums, step the server; `(state, evaluated params)`.
+
+  `donate=True` hands the old params, optimiser state and average to the new ones
+  (their buffers are reused: `state` must not be read afterwards, but its clip norm).
+  """
   mean_delta, apply = setup.privatize(sums, round_keys.delta_noise, hparams)
   clip_norm = state.clip_norm
   if setup.update_clip_norm is not None:
     clip_norm = setup.update_clip_norm(sums, round_keys.count_noise, hparams)
-  return setup.server_step(state, mean_delta, apply, clip_norm, hparams,
-                           jnp.int32(round_index))
+  args = (mean_delta, apply, clip_norm, hparams, jnp.int32(round_index))
+  if not donate:
+    return setup.server_step(state, *args)
+  carried = (state.params, state.opt_state, state.average)
+  return setup.server_step_donated(
+      carried, state.replace(params=None, opt_state=None, average=None), *args)
 
 
-def round_step(setup: Setup, state: server.ServerState,
-               round_index: int) -> tuple[server.ServerState, RoundOutput]:
-  """Round `round_index` (1-based): every stage, in order. Pure given (setup, state, round)."""
+def round_step(setup: Setup, state: server.ServerState, round_index: int, *,
+               donate: bool = False) -> tuple[server.ServerState, RoundOutput]:
+  """Round `round_index` (1-based): every stage, in order. Pure given (setup, state, round).
+
+  `donate=True` (the training loop): the old state's params, optimiser state and
+  average are overwritten in place; `state` must not be used again.
+  """
   config = setup.config
   cohort = sample_cohort(config, round_index)
   round_keys = keys.round_keys(config.seed, round_index)
@@ -217,7 +255,8 @@ def round_step(setup: Setup, state: server.ServerState,
     sums, secure_stats = setup.secure_agg.finish(sums, secure)
     if setup.secure_agg.noise_multiplier:  # the senders added the noise already
       hparams = {**hparams, "noise_multiplier": jnp.float32(0.0)}
-  new_state, model = finish_round(setup, state, sums, round_keys, hparams, round_index)
+  new_state, model = finish_round(setup, state, sums, round_keys, hparams, round_index,
+                                  donate=donate)
   return new_state, RoundOutput(
       cohort, sampling.participation_mask(config.num_clients, cohort), sums,
       state.clip_norm, model, secure_stats)

@@ -21,9 +21,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from fedsim import aggregation, evaluation, io, privacy_plan, sampling, server, tensorboard
 from fedsim import canaries as canaries_lib
 from fedsim import config as config_lib
-from fedsim import evaluation, io, privacy_plan, sampling, server, tensorboard
 from fedsim import round as round_lib
 from fedsim import workdir as workdir_lib
 from fedsim.data import make_federated_data
@@ -71,9 +71,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
 
 def save_state(workdir: str, state: server.ServerState) -> None:
   """Checkpoints `state` as step `state.round` (orbax)."""
+  if jax.process_index() > 0:  # several processes: their states are process 0's
+    return
   from fedsim import checkpoint  # orbax is slow to import; only needed here
-  checkpoint.save(workdir_lib.checkpoint_dir(workdir), int(state.round),
-                  flax.serialization.to_state_dict(state))
+  tree = flax.serialization.to_state_dict(state)
+  if jax.process_count() > 1:  # orbax saves process 0's copy from host arrays
+    tree = jax.device_get(tree)
+  checkpoint.save(workdir_lib.checkpoint_dir(workdir), int(state.round), tree)
 
 
 def restore_state(workdir: str, step: int, like: server.ServerState) -> server.ServerState:
@@ -90,6 +94,25 @@ def restore_state(workdir: str, step: int, like: server.ServerState) -> server.S
   return flax.serialization.from_state_dict(like, jax.device_put(restored))
 
 
+def open_record(setup: Setup, workdir: str, *, overwrite: bool):
+  """Opens (or resumes) a run's record in `workdir`: `(done, writer, events, ledger, state)`,
+  the rounds already done, the metric and TensorBoard writers truncated to them, the ledger
+  replayed to them (None without DP) and the server state restored from their checkpoint."""
+  done = workdir_lib.open_run(workdir, setup.config, overwrite=overwrite)
+  writer = io.MetricWriter(workdir)
+  if done:
+    writer.truncate(done)
+  events = tensorboard.open_run_events(workdir, writer.history)
+  ledger = setup.plan.new_ledger() if setup.plan.new_ledger else None
+  state = round_lib.init_state(setup)
+  if done:
+    state = restore_state(workdir, done, state)
+    if ledger is not None:
+      privacy_plan.replay_ledger(ledger, setup.config, done,
+                                 snapshot_rounds={row["round"] for row in writer.history})
+  return done, writer, events, ledger, state
+
+
 def train(setup: Setup, workdir: str, *, progress: bool = True,
           overwrite: bool = False) -> dict:
   """Runs the rounds of a prepared run; see `run`.
@@ -100,36 +123,27 @@ def train(setup: Setup, workdir: str, *, progress: bool = True,
   another config is refused unless `overwrite` (fedsim/workdir.py).
   """
   config = setup.config
-  done = workdir_lib.open_run(workdir, config, overwrite=overwrite)
-  writer = io.MetricWriter(workdir)
-  if done:
-    writer.truncate(done)
-  events = tensorboard.open_run_events(workdir, writer.history)
-  ledger = setup.plan.new_ledger() if setup.plan.new_ledger else None
-  state = round_lib.init_state(setup)
-  if done:
-    state = restore_state(workdir, done, state)
-    if ledger is not None:
-      privacy_plan.replay_ledger(ledger, config, done,
-                                 snapshot_rounds={row["round"] for row in writer.history})
-  evaluated = state.params
+  done, writer, events, ledger, state = open_record(setup, workdir, overwrite=overwrite)
+  evaluated, rounds_done = state.params, done
   start = time.perf_counter()
   scalars, report, stopped_early = {}, {}, None
   bar = tqdm(range(done + 1, config.num_rounds + 1), desc="rounds", disable=not progress,
              dynamic_ncols=True, initial=done, total=config.num_rounds)
   for r in bar:
     if ledger is not None and config.dp.target_epsilon > 0 and ledger.would_exceed(
-        config.dp.target_epsilon, sampling.participation(config, r)):
+        config.dp.target_epsilon, sampling.participation(config, r),
+        noise_multiplier=aggregation.charged_noise_multiplier(config, r)):
       stopped_early = f"dp.target_epsilon={config.dp.target_epsilon} would be exceeded in round {r}"
       break
     try:
-      state, out = round_lib.round_step(setup, state, r)
+      state, out = round_lib.round_step(setup, state, r, donate=True)
     except SecureAggregationError as error:  # too few survivors: stop, record written
       stopped_early = str(error)
       break
-    evaluated = out.model
+    evaluated, rounds_done = out.model, r
     if ledger is not None:
-      ledger.record_round(out.participating)
+      ledger.record_round(out.participating,  # the distributed noise that survived, if any
+                          noise_multiplier=aggregation.charged_noise_multiplier(config, r))
     if r % config.eval_every == 0 or r == config.num_rounds:
       scalars, report = evaluate(setup, evaluated)
       scalars.update(round_scalars(setup, out, ledger, time.perf_counter() - start))
@@ -137,14 +151,20 @@ def train(setup: Setup, workdir: str, *, progress: bool = True,
         ledger.snapshot(r)
       writer.write_scalars(r, scalars)
       events.write_scalars(r, scalars)
-      bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}",
+      utility = ("dice", "dice") if "dice" in scalars else ("acc", "accuracy")
+      bar.set_postfix(loss=f"{scalars['loss']:.3f}",
+                      **{utility[0]: f"{scalars[utility[1]]:.3f}"},
                       **({} if ledger is None else {"eps": f"{scalars['epsilon']:.2f}"}))
     if config.checkpoint_every and r % config.checkpoint_every == 0 and r < config.num_rounds:
       save_state(workdir, state)
   bar.close()
-  rounds_done = int(state.round)
   if rounds_done and not scalars:  # stopped before the first evaluation
     scalars, report = evaluate(setup, evaluated)
+  if config.task == "segmentation" and rounds_done:
+    evaluation.plot_segmentations(setup.predict, evaluated, setup.fed.test,
+                                  os.path.join(workdir, "segmentations.png"),
+                                  class_names=setup.fed.class_names,
+                                  chunk=max(setup.strategy.chunk, 8))
   return _finish(setup, workdir, writer, state, ledger, scalars, report, stopped_early,
                  time.perf_counter() - start)
 
@@ -154,7 +174,8 @@ def round_scalars(setup: Setup, out: round_lib.RoundOutput, ledger, wall: float)
   train_sums = {k: float(v) for k, v in out.sums.metrics.items()}
   scalars = dict(
       train_loss=train_sums["loss_sum"] / max(train_sums["examples"], 1.0),
-      train_accuracy=train_sums["correct"] / max(train_sums["examples"], 1.0),
+      **{"train_pixel_accuracy" if setup.config.task == "segmentation" else "train_accuracy":
+         train_sums["correct"] / max(train_sums["examples"], 1.0)},
       cohort_size=len(out.cohort), wall_seconds=wall,
       epsilon=ledger.max_epsilon() if ledger is not None else None,
       **setup.plan.round_stats(train_sums))
@@ -176,13 +197,8 @@ def _finish(setup: Setup, workdir, writer, state, ledger, scalars, report, stopp
   io.write_json_atomic(os.path.join(workdir, "report.json"), report)
   summary = {
       "rounds": int(state.round),
-      "accuracy": scalars.get("accuracy"),
-      "auroc": scalars.get("auroc"),
-      "balanced_accuracy": scalars.get("balanced_accuracy"),
-      "mcc": scalars.get("mcc"),
-      "worst_hospital_accuracy": scalars.get("worst_hospital_accuracy"),
-      "unseen_accuracy": scalars.get("unseen_accuracy"),
-      "unseen_auroc": scalars.get("unseen_auroc"),
+      **{k: scalars.get(k) for k in SUMMARY_UTILITY[config.task]},
+      **{k: v for k, v in scalars.items() if k.startswith("dice_")},  # per class
       "epsilon": ledger.max_epsilon() if ledger is not None else None,
       "delta": config.dp.delta if ledger is not None else None,
       "accountant": config.dp.accountant if ledger is not None else None,
@@ -203,14 +219,32 @@ def _finish(setup: Setup, workdir, writer, state, ledger, scalars, report, stopp
   return io.to_json(summary)
 
 
+# The utility figures summary.json carries, per task (accuracy and AUROC mean nothing
+# for masks; Dice and Hausdorff distance nothing for classes).
+SUMMARY_UTILITY = {
+    "classification": ("accuracy", "auroc", "balanced_accuracy", "mcc",
+                       "worst_hospital_accuracy", "unseen_accuracy", "unseen_auroc"),
+    "segmentation": ("dice", "iou", "hd95", "global_dice", "worst_hospital_dice",
+                     "unseen_dice", "unseen_iou", "unseen_hd95"),
+}
+
+
 def format_summary(summary: dict, workdir: str) -> str:
   """The few lines a person reads at the end of a run."""
   fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-  lines = [f"rounds {summary['rounds']}  accuracy {fmt(summary['accuracy'])}  "
-           f"AUROC {fmt(summary['auroc'])}  balanced accuracy "
-           f"{fmt(summary['balanced_accuracy'])}  worst hospital "
-           f"{fmt(summary['worst_hospital_accuracy'])}  unseen hospitals "
-           f"{fmt(summary['unseen_accuracy'])}"]
+  if "dice" in summary:
+    classes = ", ".join(f"{k[5:]} {fmt(v)}" for k, v in summary.items()
+                        if k.startswith("dice_"))
+    lines = [f"rounds {summary['rounds']}  Dice {fmt(summary['dice'])} ({classes})  IoU "
+             f"{fmt(summary['iou'])}  HD95 {fmt(summary['hd95'])} px  worst hospital Dice "
+             f"{fmt(summary['worst_hospital_dice'])}  unseen hospitals Dice "
+             f"{fmt(summary['unseen_dice'])}"]
+  else:
+    lines = [f"rounds {summary['rounds']}  accuracy {fmt(summary['accuracy'])}  "
+             f"AUROC {fmt(summary['auroc'])}  balanced accuracy "
+             f"{fmt(summary['balanced_accuracy'])}  worst hospital "
+             f"{fmt(summary['worst_hospital_accuracy'])}  unseen hospitals "
+             f"{fmt(summary['unseen_accuracy'])}"]
   if summary["epsilon"] is None:
     lines.append("privacy: none (dp.level=none)")
   else:
@@ -228,7 +262,9 @@ def format_summary(summary: dict, workdir: str) -> str:
     lines.append(f"secure aggregation: {sa['bits']} bits, scale {sa['scale']:.4g}, "
                  f"threshold {sa['threshold'] or 'majority'}, "
                  f"{sa['neighbours'] or 'all'} neighbours, dropouts "
-                 f"{sa['dropout_before']:g} before / {sa['dropout_after']:g} after sending")
+                 f"{sa['dropout_before']:g} before / {sa['dropout_after']:g} after sending"
+                 + ("" if sa["distributed_noise"] == "none" else
+                    f", distributed {sa['distributed_noise']} noise (charged as it survived)"))
   if summary["stopped_early"]:
     lines.append(f"stopped early: {summary['stopped_early']}")
   lines.append(f"{summary['wall_seconds']:.1f} s; record in {workdir}")

@@ -80,8 +80,19 @@ def generate(*, num_examples: int, image_size: int = 28, seed: int = 0,
   """
   prevalence = _check_args(num_examples, image_size, prevalence)
   rng = np.random.default_rng(seed)
-  counts = _images_per_patient(rng, num_examples)
-  num_patients = len(counts)
+  return render_patients(rng, _images_per_patient(rng, num_examples),
+                         image_size=image_size, prevalence=prevalence)
+
+
+def render_patients(rng: np.random.Generator, counts: np.ndarray, *, image_size: int,
+                    prevalence: np.ndarray) -> ImageDataset:
+  """Patients with `counts` `[P]` images each (>= 1), drawn from `rng` (`generate`'s body).
+
+  Labels follow `prevalence` (a probability vector); patient ids are `0..P-1`. Used by
+  `generate` and by the on-demand population (fedsim/data/population.py), which fixes
+  each hospital's patients itself.
+  """
+  num_examples, num_patients = int(np.sum(counts)), len(counts)
   labels = rng.choice(len(CLASS_NAMES), size=num_patients, p=prevalence)
   patient = _patient_params(rng, labels)
   owner = np.repeat(np.arange(num_patients), counts)
