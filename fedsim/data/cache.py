@@ -91,7 +91,7 @@ def load_dataset(path: Path, *, mean: float, std: float) -> ImageDataset | None:
         patient_ids=arrays["patient_ids"],
         class_names=tuple(str(c) for c in arrays["class_names"]),
         name=str(arrays["name"]), mean=mean, std=std,
-        source_split=arrays.get("source_split"))
+        sites=arrays.get("sites"), source_split=arrays.get("source_split"))
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
     _log.warning("Ignoring unreadable cache %s (%s); rebuilding it.", path, err)
     return None
@@ -112,6 +112,8 @@ def save_dataset(path: Path, dataset: ImageDataset) -> None:
   }
   if dataset.source_split is not None:
     arrays["source_split"] = np.asarray(dataset.source_split, dtype=str)
+  if dataset.sites is not None:
+    arrays["sites"] = np.asarray(dataset.sites)
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, arrays)
