@@ -27,7 +27,7 @@ class ClientData(NamedTuple):
   """One hospital's padded training split (leading axis `max_examples`)."""
 
   images: jax.Array    # uint8 [N, H, W, C]
-  labels: jax.Array    # int32 [N]
+  labels: jax.Array    # int32 [N] (segmentation: masks [N, H, W])
   patients: jax.Array  # int32 [N], -1 on padding
   count: jax.Array     # int32 [] real examples
   num_patients: jax.Array  # int32 []
@@ -37,7 +37,7 @@ class Batch(NamedTuple):
   """One local step's examples: a fixed-size gather plus a mask."""
 
   x: jax.Array        # float [B, H, W, C], normalised
-  y: jax.Array        # int32 [B]
+  y: jax.Array        # int32 [B] (segmentation: masks [B, H, W])
   patients: jax.Array  # int32 [B]
   mask: jax.Array     # bool [B]
 
@@ -96,6 +96,41 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def soft_dice_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
+  """Per-image soft Dice loss `[B]`: 1 - mean, over the foreground classes present in
+  the image's mask, of `(2 sum p y + 1) / (sum p + sum y + 1)`; 0 for an image with no
+  foreground. Absent classes are left to the cross-entropy: their Dice term would
+  only push the class's probability to 0, and a small class (lesions) absent from
+  most slices would then never be predicted. logits `[B, H, W, K]`, masks int `[B, H, W]`."""
+  probs = jax.nn.softmax(logits, axis=-1)[..., 1:]
+  truth = jax.nn.one_hot(masks, logits.shape[-1], dtype=probs.dtype)[..., 1:]
+  inter = jnp.sum(probs * truth, axis=(1, 2))
+  size = jnp.sum(truth, axis=(1, 2))
+  dice = (2 * inter + 1.0) / (jnp.sum(probs, axis=(1, 2)) + size + 1.0)
+  present = (size > 0).astype(probs.dtype)
+  return jnp.sum(present * (1.0 - dice), axis=-1) / jnp.maximum(jnp.sum(present, axis=-1), 1.0)
+
+
+def example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """The loss of each example `[B]`, one scalar per example whatever the task (so
+  per-example and per-patient clipping apply unchanged).
+
+  Classification (logits `[B, K]`): softmax cross-entropy. Segmentation (logits
+  `[B, H, W, K]`, masks `[B, H, W]`): per-pixel cross-entropy averaged over the
+  image, plus the image's soft Dice loss.
+  """
+  if logits.ndim == 2:
+    return cross_entropy(logits, labels)
+  return jnp.mean(cross_entropy(logits, labels), axis=(1, 2)) + soft_dice_loss(logits, labels)
+
+
+def example_hits(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Float `[B]`: 1 where the class is right (classification), or the image's
+  fraction of right pixels (segmentation)."""
+  hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return hits if hits.ndim == 1 else jnp.mean(hits, axis=(1, 2))
+
+
 def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:
   """uint8 pixels -> float32 `(x / 255 - mean) / std`."""
   return (images.astype(jnp.float32) / 255.0 - mean) / std
@@ -110,7 +145,7 @@ def mean_gradient(apply_fn: Callable) -> GradientFn:
 
     def loss(p):
       logits = apply_fn(p, batch.x)
-      loss_sum = jnp.sum(w * cross_entropy(logits, batch.y))
+      loss_sum = jnp.sum(w * example_loss(logits, batch.y))
       return loss_sum / jnp.maximum(jnp.sum(w), 1.0), (loss_sum, logits)
 
     grad, (loss_sum, logits) = jax.grad(loss, has_aux=True)(params)
@@ -121,8 +156,8 @@ def mean_gradient(apply_fn: Callable) -> GradientFn:
 
 def batch_stats(loss_sum: jax.Array, logits: jax.Array, batch: Batch) -> dict:
   """The loss and accuracy sums every `GradientFn` reports."""
-  hit = (jnp.argmax(logits, -1) == batch.y) & batch.mask
-  return {"loss_sum": loss_sum, "correct": jnp.sum(hit.astype(jnp.float32))}
+  hit = jnp.where(batch.mask, example_hits(logits, batch.y), 0.0)
+  return {"loss_sum": loss_sum, "correct": jnp.sum(hit)}
 
 
 def client_optimizer(name: str, hparams: dict) -> optax.GradientTransformation:

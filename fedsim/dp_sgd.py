@@ -42,15 +42,15 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
   """
 
   def per_example_loss(params, batch):
-    return client_lib.cross_entropy(apply_fn(params, batch["x"]), batch["y"])
+    return client_lib.example_loss(apply_fn(params, batch["x"]), batch["y"])
 
   def per_example_loss_and_metrics(params, batch):
     """Losses, plus each example's masked loss and hit for the metrics (one forward)."""
     logits = apply_fn(params, batch["x"])
-    losses = client_lib.cross_entropy(logits, batch["y"])
-    hits = (jnp.argmax(logits, -1) == batch["y"]) & batch["w"]
+    losses = client_lib.example_loss(logits, batch["y"])
     return losses, {"loss_sum": jnp.where(batch["w"], losses, 0.0),
-                    "correct": hits.astype(jnp.float32)}
+                    "correct": jnp.where(batch["w"], client_lib.example_hits(logits, batch["y"]),
+                                         0.0)}
 
   def clipped_sum(params, batch: client_lib.Batch, clip_norm):
     """(clipped grad sum, ClipStats, metric sums or None when a forward is still owed)."""
@@ -76,7 +76,7 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
     if metrics is None:  # id-grouped patients: one more forward pass, for metrics only
       logits = apply_fn(params, batch.x)
       w = batch.mask.astype(jnp.float32)
-      loss_sum = jnp.sum(w * client_lib.cross_entropy(logits, batch.y))
+      loss_sum = jnp.sum(w * client_lib.example_loss(logits, batch.y))
       metrics = client_lib.batch_stats(loss_sum, logits, batch)
     return grad, {**metrics,
                   "num_units": stats.num_units.astype(jnp.float32),

@@ -1,7 +1,8 @@
 """Flax models, used functionally on params pytrees (no mutable state, no BatchNorm).
 
-Both models take a normalised float image batch `[B, H, W, C]` and return logits
-`[B, num_classes]`. `conv="patches"` lowers each convolution as image patches
+The classifiers take a normalised float image batch `[B, H, W, C]` and return
+logits `[B, num_classes]`; the U-Net (task=segmentation) returns per-pixel logits
+`[B, H, W, num_classes]`. `conv="patches"` lowers each convolution as image patches
 followed by an einsum: the same parameters and the same function as `conv="xla"`
 (`lax.conv`), but it batches far better when vmapped over clients whose weights
 differ (XLA:CPU lowers a vmapped `lax.conv` with per-client weights poorly).
@@ -162,8 +163,43 @@ class ResNet18(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
+class UNet(nn.Module):
+  """A small U-Net with GroupNorm (DP-compatible), for 2-D segmentation.
+
+  Two poolings (H and W must be multiples of 4), widths w - 2w - 4w; the decoder
+  upsamples by nearest-neighbour repetition and convolves (no transposed
+  convolution), so every layer is a conv or a GroupNorm: ghost clipping handles
+  it. Per-pixel logits `[B, H, W, num_classes]`. width 16, one channel in: about 58k parameters.
+  """
+
+  num_classes: int = 3
+  conv: str = "xla"
+  width: int = 16
+  groups: int = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = conv_module(self.conv)
+
+    def block(x, features, name):
+      x = conv(features, (3, 3), use_bias=False, name=name)(x)
+      return nn.relu(nn.GroupNorm(num_groups=self.groups, name=f"{name}_norm")(x))
+
+    def up(x):  # nearest-neighbour x2
+      return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+    w = self.width
+    e1 = block(x, w, "enc1")
+    e2 = block(nn.avg_pool(e1, (2, 2), (2, 2)), 2 * w, "enc2")
+    b = block(nn.avg_pool(e2, (2, 2), (2, 2)), 4 * w, "bottleneck")
+    d2 = block(jnp.concatenate([up(b), e2], axis=-1), 2 * w, "dec2")
+    d1 = block(jnp.concatenate([up(d2), e1], axis=-1), w, "dec1")
+    return conv(self.num_classes, (1, 1), name="head")(d1)
+
+
+SEGMENTATION_MODELS = ("unet",)
 MODELS = {"cnn": SmallCNN, "cnn_tanh": functools.partial(SmallCNN, activation="tanh"),
-          "cnn_gap": SmallCNNGap, "resnet18": ResNet18}
+          "cnn_gap": SmallCNNGap, "resnet18": ResNet18, "unet": UNet}
 
 
 def make_model(name: str, *, num_classes: int, conv: str = "xla") -> nn.Module:

@@ -20,7 +20,8 @@ class ImageDataset:
 
   Attributes:
     images: uint8 `[N, H, W, C]` (raw pixel values; normalised in-graph).
-    labels: int32 `[N]` class indices in `[0, num_classes)`.
+    labels: int32 `[N]` class indices in `[0, num_classes)`, or for segmentation
+      int32 masks `[N, H, W]` (a class per pixel, aligned with `images`).
     patient_ids: int64 `[N]`; images of one patient share an id. Loaders without
       patient information give every image its own id.
     class_names: one name per class.
@@ -54,6 +55,10 @@ class ImageDataset:
       value = getattr(self, field)
       if value is not None and len(value) != n:
         raise ValueError(f"ImageDataset.{field} has {len(value)} entries, images has {n}")
+    if self.labels.ndim not in (1, 3) or (
+        self.labels.ndim == 3 and self.labels.shape[1:] != self.images.shape[1:3]):
+      raise ValueError(f"ImageDataset.labels must be [N] classes or [N, H, W] masks for "
+                       f"images {self.images.shape}, got {self.labels.shape}")
 
   @property
   def num_classes(self) -> int:
@@ -62,6 +67,12 @@ class ImageDataset:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return tuple(self.images.shape[1:])
+
+  @property
+  def image_labels(self) -> np.ndarray:
+    """One class per image `[N]` (for partitioning and prevalence): the label, or for
+    a mask the largest class present (e.g. 2 = "has a lesion")."""
+    return self.labels.reshape(len(self.labels), -1).max(axis=1, initial=0)
 
   def subset(self, index: np.ndarray) -> "ImageDataset":
     """The examples at `index` (same metadata)."""
@@ -78,7 +89,8 @@ class ClientArrays:
 
   Attributes:
     images: uint8 `[clients, max_examples, H, W, C]`; padding is zeros.
-    labels: int32 `[clients, max_examples]`; padding is 0.
+    labels: int32 `[clients, max_examples]` (segmentation: masks `[clients,
+      max_examples, H, W]`); padding is 0.
     patients: int32 `[clients, max_examples]` patient index local to the hospital,
       in `[0, num_patients[k])`; padding is -1.
     counts: int32 `[clients]` real examples per hospital.

@@ -91,7 +91,7 @@ def assign_hospitals(dataset: ImageDataset, data_config, *, num_hospitals: int,
     sites = example_sites(dataset, data_config.site_csv)
     options = dict(sites=sites)
     site_of_hospital = partition_lib.natural_sites(dataset.patient_ids, sites)
-  hospital = partition_lib.partition(name, dataset.patient_ids, dataset.labels,
+  hospital = partition_lib.partition(name, dataset.patient_ids, dataset.image_labels,
                                      num_hospitals=num_hospitals, rng=rng, **options)
   return hospital, site_of_hospital
 
@@ -149,7 +149,7 @@ def pad_clients(clients: Sequence[ImageDataset]) -> ClientArrays:
   width = max(1, int(counts.max()))
   shape = clients[0].image_shape
   images = np.zeros((len(clients), width) + shape, np.uint8)
-  labels = np.zeros((len(clients), width), np.int32)
+  labels = np.zeros((len(clients), width) + clients[0].labels.shape[1:], np.int32)
   patients = np.full((len(clients), width), -1, np.int32)
   num_patients = np.zeros(len(clients), np.int32)
   for k, c in enumerate(clients):
@@ -179,7 +179,7 @@ def _validate(data_config, num_clients: int) -> tuple[float, float, float]:
 
 def _hospital_meta(local: ImageDataset, params: dict, num_classes: int) -> dict:
   """One hospital's metadata: shift parameters, prevalence, sizes."""
-  counts = np.bincount(local.labels, minlength=num_classes)
+  counts = np.bincount(local.image_labels, minlength=num_classes)
   return dict(params, prevalence=counts / max(1, counts.sum()),
               num_examples=len(local.labels),
               num_patients=len(np.unique(local.patient_ids)))

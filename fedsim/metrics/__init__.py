@@ -22,6 +22,8 @@ Metrics computed from a confusion matrix accept leading batch axes
 Modules: `confusion` (confusion matrix and the metrics read from it), `auroc`,
 `probability` (accuracy, log loss, calibration), `reports` (all of them for one
 set, and per hospital). Every public name is importable from `fedsim.metrics`.
+Segmentation (Dice, IoU, Hausdorff-95 on masks, per hospital) is in
+`fedsim.metrics.segmentation`.
 """
 
 from fedsim.metrics.auroc import auroc_ovr, macro_auroc
