@@ -58,4 +58,7 @@ def get_config(variant: str = "noise") -> ml_collections.ConfigDict:
   c.sweep.selection_eta = 1.0    # random stopping: K ~ truncated negative binomial
                                  # (1: geometric)
   c.sweep.selection_mean = 0.0   # E[K]; 0: the number of configurations in the band
+  c.sweep.execution = "auto"     # vmap | sequential | auto (per backend, measured:
+                                 # sequential on CPU, vmap on GPU/TPU; docs/sweeps.md)
+  c.sweep.group_size = 0         # configurations vmapped at once (memory); 0: a whole group
   return c

@@ -14,8 +14,10 @@ tensorboard/, ...), with the config a lone launch of it would have, so its recor
 bit for bit that of `python launch.py` with those fields set. Configurations that
 differ only in the round's traced hyperparameters (`TRACED_FIELDS`) form a group and
 share one `Setup`: one federation, one set of compiled programs (the values enter
-as arguments, `round.hyperparameters`), so a sweep is never slower than its runs
-one after another, and is faster by their data generation and compilation.
+as arguments, `round.hyperparameters`). `sweep.execution` says how a group runs:
+one after another on the shared programs ("sequential"), or `sweep.group_size` at a
+time as one vmapped program ("vmap", fedsim/sweep_vmap.py); "auto" takes the one
+measured faster on the backend (sequential on XLA:CPU, vmap on GPU/TPU).
 
 Resume: launching the same sweep into the same workdir skips the configurations
 whose summary.json exists and lets each unfinished one resume from its checkpoint.
@@ -32,8 +34,9 @@ import os
 
 import ml_collections
 
+from fedsim import canaries as canaries_lib
 from fedsim import config as config_lib
-from fedsim import io, privacy_plan, simulation, sweep_report
+from fedsim import io, privacy_plan, simulation, sweep_report, sweep_vmap
 from fedsim import round as round_lib
 from fedsim import workdir as workdir_lib
 from fedsim.data import make_federated_data
@@ -77,7 +80,8 @@ def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return base
 
 
-OPTIONS = ("axes", "metric", "epsilon_bands", "selection_eta", "selection_mean")
+OPTIONS = ("axes", "metric", "epsilon_bands", "selection_eta", "selection_mean", "execution",
+           "group_size")
 UTILITY = ("accuracy", "balanced_accuracy", "auroc", "worst_hospital_accuracy",
            "unseen_accuracy")
 
@@ -98,6 +102,11 @@ def check_options(sweep: ml_collections.ConfigDict) -> None:
   validation.check(sweep.selection_mean == 0 or sweep.selection_mean > 1,
                    "sweep.selection_mean", sweep.selection_mean,
                    "0 (the number of configurations) or > 1: the expected number of runs")
+  validation.check(sweep.execution in sweep_vmap.EXECUTIONS, "sweep.execution",
+                   sweep.execution, f"one of {list(sweep_vmap.EXECUTIONS)}")
+  validation.check(isinstance(sweep.group_size, int) and sweep.group_size >= 0,
+                   "sweep.group_size", sweep.group_size,
+                   "an int >= 0: configurations vmapped at once (0: a whole group)")
 
 
 def axes(config: ml_collections.ConfigDict) -> dict[str, tuple]:
@@ -169,6 +178,13 @@ def expand(config: ml_collections.ConfigDict) -> list[Configuration]:
     name = _name(index, values)
     try:
       config_lib.validate(run)
+      validation.check(run.attack.kind == "none", "attack.kind", run.attack.kind,
+                       "'none' in a sweep (an attack study runs alone: launch it once "
+                       "per setting)")
+      validation.check(run.task == "classification", "task", run.task,
+                       "'classification' in a sweep (its table, plot and private selection "
+                       "rank accuracy-type metrics; launch a segmentation study once per "
+                       "setting)")
     except ValueError as e:
       raise ValueError(f"sweep configuration {name}: {e}") from None
     out.append(Configuration(index, values, run, name))
@@ -199,10 +215,19 @@ def groups(configurations: list[Configuration]) -> list[list[Configuration]]:
 def _calibrate(configurations: list[Configuration]) -> None:
   """Sets dp.noise_multiplier of each configuration from its target_epsilon value."""
   for group in groups(configurations):
-    fed = make_federated_data(group[0].config)
+    fed = run_federation(group[0].config)
     for c in group:
       sigma = calibrate_noise_multiplier(c.config, fed, c.values[CALIBRATED])
       c.config.dp.noise_multiplier = sigma
+
+
+def run_federation(config):
+  """The federation a run of `config` trains on: with `audit.enabled`, its canaries
+  join as one-image patients (they change the sampling rates the ledger charges)."""
+  fed = make_federated_data(config)
+  if not config.audit.enabled:
+    return fed
+  return canaries_lib.insert(fed, canaries_lib.make(config.audit, fed, config.seed))
 
 
 def _max_epsilon(config, fed, sigma: float) -> float:
@@ -293,18 +318,37 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   io.write_json_atomic(os.path.join(workdir, SWEEP_FILE), {
       "config": workdir_lib.config_record(config), "versions": io.versions(),
       "configurations": [{"name": c.name, "values": c.values} for c in configurations]})
+  mode = sweep_vmap.execution(config.sweep.execution)
   for group in groups(configurations):
-    setup = None
-    for c in group:
-      path = run_dir(workdir, c)
-      if not overwrite and finished(path, c.config):
-        continue
-      if setup is None:
-        setup = simulation.prepare(c.config)
-      if progress:
-        print(f"[{c.index + 1}/{len(configurations)}] {c.name}")
-      simulation.train(share_setup(setup, c.config), path, progress=progress,
-                       overwrite=overwrite)
+    todo = [c for c in group
+            if overwrite or not finished(run_dir(workdir, c), c.config)]
+    if todo:
+      _run_group(todo, workdir, mode=mode, group_size=config.sweep.group_size,
+                 total=len(configurations), progress=progress, overwrite=overwrite)
   rows = sweep_report.rows(
       [(c.values, c.config, run_dir(workdir, c)) for c in configurations])
   return rows, sweep_report.write(workdir, rows, config.sweep)
+
+
+def _run_group(todo: list[Configuration], workdir: str, *, mode: str, group_size: int,
+               total: int, progress: bool, overwrite: bool) -> None:
+  """The unfinished configurations of one group on one Setup: vmapped `group_size` at
+  a time (`mode == "vmap"`, fedsim/sweep_vmap.py) or one after another."""
+  setup = simulation.prepare(todo[0].config)
+  reason = sweep_vmap.unsupported(setup) if mode == "vmap" else None
+  if mode == "vmap" and reason is None and len(todo) > 1:
+    size = group_size or len(todo)
+    for start in range(0, len(todo), size):
+      part = todo[start:start + size]
+      if progress:
+        print(f"[{part[0].index + 1}-{part[-1].index + 1}/{total}] vmapped: "
+              + ", ".join(c.name for c in part))
+      sweep_vmap.train_group([(share_setup(setup, c.config), run_dir(workdir, c))
+                              for c in part], progress=progress, overwrite=overwrite)
+    return
+  for c in todo:
+    if progress:
+      why = f" (one after another: {reason})" if reason else ""
+      print(f"[{c.index + 1}/{total}] {c.name}{why}")
+    simulation.train(share_setup(setup, c.config), run_dir(workdir, c), progress=progress,
+                     overwrite=overwrite)

@@ -1,8 +1,10 @@
-"""Sweeps: each configuration is its own run, bit for bit; table, resume, bad axes."""
+"""Sweeps: each configuration is its own run (vmapped groups included); table, resume,
+bad axes."""
 
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fedsim import checkpoint, privacy_plan, simulation, sweep, sweep_report, tensorboard
+from experiments import membership
+from fedsim import (
+  checkpoint,
+  privacy_plan,
+  simulation,
+  sweep,
+  sweep_report,
+  sweep_vmap,
+  tensorboard,
+)
 from fedsim import round as round_lib
 from fedsim.data import make_federated_data
 from privacy import accountants
@@ -41,15 +52,19 @@ def sweep_config(**axes):
   c.sweep.epsilon_bands = (5.0, 20.0)
   c.sweep.selection_eta = 1.0
   c.sweep.selection_mean = 0.0
+  c.sweep.execution = "sequential"
+  c.sweep.group_size = 0
   return c
 
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-  """A 2-configuration sweep, and the second configuration launched alone."""
+  """A 2-configuration sweep trained as one vmapped group, and the second
+  configuration launched alone."""
   root = tmp_path_factory.mktemp("sweep")
   workdir = os.fspath(root / "sweep")
   config = sweep_config()
+  config.sweep.execution = "vmap"
   configurations = sweep.plan(config, workdir)
   rows, text = sweep.run(config, workdir, progress=False, configurations=configurations)
   alone = os.fspath(root / "alone")
@@ -73,8 +88,9 @@ def _drop_wall(value):
   return value
 
 
-def test_a_configuration_of_a_sweep_is_bit_identical_to_its_lone_run(swept):
-  # The second configuration ran on the programs compiled for the first (shared Setup).
+def test_a_configuration_of_a_vmapped_group_is_bit_identical_to_its_lone_run(swept):
+  # Both configurations ran as one vmapped program (FedAvgM, patient-level DP-SGD: the
+  # batched arithmetic is the lone run's on XLA:CPU, bit for bit).
   mine = sweep.run_dir(swept["workdir"], swept["configurations"][1])
   alone = swept["alone"]
   for name in ("summary.json", "metrics.jsonl", "privacy.json", "report.json"):
@@ -193,3 +209,67 @@ def test_target_epsilon_axis_calibrates_the_noise_to_the_runs_own_ledger():
     assert sweep._max_epsilon(c.config, fed, below) > target  # pylint: disable=protected-access
   # the first configuration's whole run, as the ledger preview replays it, meets its target
   assert privacy_plan.ledger_preview(configurations[0].config).max_epsilon() <= 3.0
+
+
+def test_a_vmapped_group_with_fedadam_and_ema_matches_lone_runs_to_float_tolerance(tmp_path):
+  # The batched server step (Adam's sqrt and division, the EMA's debiasing) may differ
+  # from the lone one in the last bit (docs/sweeps.md): figures agree to 1e-5.
+  config = sweep_config(**{"server.learning_rate": (0.1, 0.05)})
+  config.server.optimizer, config.server.ema_decay = "fedadam", 0.5
+  config.sweep.execution, config.sweep.group_size = "vmap", 2
+  workdir = os.fspath(tmp_path / "sweep")
+  configurations = sweep.plan(config, workdir)
+  sweep.run(config, workdir, progress=False, configurations=configurations)
+  restore = lambda path: checkpoint.restore(os.path.join(path, "checkpoints"), None)
+  for c in configurations:
+    mine, alone = sweep.run_dir(workdir, c), os.fspath(tmp_path / c.name)
+    simulation.run(c.config, alone, progress=False)
+    assert _read(mine, "privacy.json") == _read(alone, "privacy.json")
+    for a, b in zip(_drop_wall(_read(mine, "metrics.jsonl")),
+                    _drop_wall(_read(alone, "metrics.jsonl")), strict=True):
+      assert a.keys() == b.keys() and a["cohort_size"] == b["cohort_size"]
+      np.testing.assert_allclose([a[k] for k in sorted(a) if a[k] is not None],
+                                 [b[k] for k in sorted(b) if b[k] is not None], rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
+                 restore(mine), restore(alone))
+
+
+def test_execution_auto_is_sequential_on_cpu_and_vmap_on_accelerators():
+  assert sweep_vmap.execution("auto", "cpu") == "sequential"
+  assert sweep_vmap.execution("auto", "gpu") == sweep_vmap.execution("auto", "tpu") == "vmap"
+  assert sweep_vmap.execution("vmap", "cpu") == "vmap"
+
+
+def test_a_sweep_over_an_attack_study_is_refused_in_one_line(tmp_path):
+  config = membership.get_config()
+  config.sweep = sweep_config().sweep
+  with pytest.raises(ValueError) as error:
+    sweep.plan(config, os.fspath(tmp_path / "never"))
+  assert str(error.value) == (
+      "sweep configuration 000_dp.noise_multiplier=1.0: attack.kind='membership' must be "
+      "'none' in a sweep (an attack study runs alone: launch it once per setting)")
+
+
+def test_target_epsilon_calibration_accounts_for_audit_canaries():
+  # Canaries join as one-image patients: other sampling rates, so another ledger.
+  config = sweep_config(target_epsilon=(4.0,))
+  config.audit.enabled, config.audit.num_canaries, config.audit.num_hospitals = True, 8, 2
+  (c,) = sweep.expand(config)
+  fed = sweep.run_federation(c.config)
+  assert fed.train.counts.sum() > make_federated_data(c.config).train.counts.sum()
+  sigma = c.config.dp.noise_multiplier
+  assert sweep._max_epsilon(c.config, fed, sigma) <= 4.0  # pylint: disable=protected-access
+  assert sweep._max_epsilon(  # pylint: disable=protected-access
+      c.config, fed, sigma * (1 - 2 * accountants.CALIBRATION_RTOL)) > 4.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("execution", "fast", "sweep.execution='fast' must be one of ['auto', 'vmap', 'sequential']"),
+    ("group_size", -1, "sweep.group_size=-1 must be an int >= 0: configurations vmapped at "
+     "once (0: a whole group)"),
+])
+def test_bad_execution_options_fail_in_one_line(tmp_path, field, value, message):
+  config = sweep_config()
+  config.sweep[field] = value
+  with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+    sweep.plan(config, os.fspath(tmp_path / "never"))
