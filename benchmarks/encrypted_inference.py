@@ -1,14 +1,17 @@
 """Encrypted inference cost: time and bytes per image of the two-party protocol.
 
-  python -m benchmarks.encrypted_inference                # cnn, cnn_tanh at 28 and 64 px
-  python -m benchmarks.encrypted_inference --models=cnn --sizes=28 --images=256
+  python -m benchmarks.encrypted_inference            # the default rows (below)
+  python -m benchmarks.encrypted_inference --rows=cnn_tanh:28:256:64,cnn_tanh:28:256:8
 
-For each model and image size: the protocol (privacy/encrypted_inference) on random
-images with the model's initial weights (cost does not depend on the values), in
-batches of --batch_size after one compilation; offline (dealer) and online seconds per
-image, bytes per image (online: both parties; offline: what the dealer sends party 1),
-rounds. Writes benchmarks/results/encrypted_inference_<backend>.json. ResNet-18 is not
-run: its GroupNorm has no secure counterpart in this package (see network.py).
+Each row is MODEL:PX:IMAGES[:BATCH] (BATCH defaults to min(IMAGES, 16)): the protocol
+(privacy/encrypted_inference) runs MODEL (fedsim/models.py; its initial weights: the
+cost does not depend on the values) on IMAGES random PX x PX x 1 images, BATCH images
+per protocol call, after one compilation (reported apart). Per image: offline (dealer)
+and online seconds, online bytes (both parties) and offline bytes (what the dealer
+sends party 1), and the rounds of one call. Default rows: the small CNNs at 28 px
+(64 images) and 64 px (16), ResNet-18 at 224 px (1 image: ~1.5 GB of dealer material,
+several minutes on a 2-core CPU). Writes benchmarks/results/encrypted_inference_
+<backend>.json (--out to override), with the device, the load average and versions.
 """
 
 from __future__ import annotations
@@ -22,21 +25,35 @@ import numpy as np
 from fedsim import io, models
 from privacy.encrypted_inference import network, service
 
+DEFAULT_ROWS = ("cnn:28:64,cnn_tanh:28:64,cnn:64:16,cnn_tanh:64:16,resnet18:224:1")
+
 
 def _parse(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--models", default="cnn,cnn_tanh")
-  p.add_argument("--sizes", default="28,64")
-  p.add_argument("--images", type=int, default=16, help="images per (model, size)")
-  p.add_argument("--batch_size", type=int, default=4,
-                 help="memory: cnn_tanh at 64 px needs ~1 GB of dealer material per image")
-  p.add_argument("--out", default="")
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="\n".join(__doc__.splitlines()[2:]))
+  p.add_argument("--rows", default=DEFAULT_ROWS,
+                 help="comma-separated MODEL:PX:IMAGES[:BATCH] (default: %(default)s)")
+  p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/"
+                 "encrypted_inference_<backend>.json)")
   return p.parse_args(argv)
+
+
+def parse_rows(text: str) -> list[tuple[str, int, int, int]]:
+  """(model, px, images, batch) per row; one ValueError line for a bad row."""
+  rows = []
+  for row in text.split(","):
+    parts = row.split(":")
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[1:]):
+      raise ValueError(f"--rows entry {row!r} must be MODEL:PX:IMAGES[:BATCH]")
+    network.check_model(parts[0])
+    px, images = int(parts[1]), int(parts[2])
+    rows.append((parts[0], px, images, int(parts[3]) if len(parts) == 4 else min(images, 16)))
+  return rows
 
 
 def measure(model_name: str, size: int, *, images: int, batch_size: int) -> dict:
   """One row: seconds and bytes per image of `model_name` on `size` px images."""
-  network.check_model(model_name)
   x = np.random.default_rng(0).normal(0, 1, (images, size, size, 1)).astype(np.float32)
   params = models.make_model(model_name, num_classes=3).init(jax.random.key(0), x[:1])
   enc = service.encrypted_predict(model_name, params, x, batch_size=batch_size,
@@ -55,19 +72,19 @@ def measure(model_name: str, size: int, *, images: int, batch_size: int) -> dict
 def main(argv=None) -> dict:
   args = _parse(argv)
   rows = []
-  for model_name in args.models.split(","):
-    for size in (int(s) for s in args.sizes.split(",")):
-      row = measure(model_name, size, images=args.images, batch_size=args.batch_size)
-      rows.append(row)
-      print(f"{model_name:9s} {size:4d} px  {row['seconds_per_image'] * 1e3:8.1f} ms/image "
-            f"(offline {row['offline_seconds_per_image'] * 1e3:.1f}, online "
-            f"{row['online_seconds_per_image'] * 1e3:.1f})  online "
-            f"{row['online_mb_per_image']:.1f} MB  offline {row['offline_mb_per_image']:.1f} MB  "
-            f"{row['rounds']} rounds  "
-            f"compile {row['compile_seconds']:.1f} s", flush=True)
+  for model_name, size, images, batch in parse_rows(args.rows):
+    row = measure(model_name, size, images=images, batch_size=batch)
+    row["load_average"] = os.getloadavg()[0]
+    rows.append(row)
+    print(f"{model_name:9s} {size:4d} px  batch {row['batch_size']:3d}  "
+          f"{row['seconds_per_image'] * 1e3:9.1f} ms/image "
+          f"(offline {row['offline_seconds_per_image'] * 1e3:.1f}, online "
+          f"{row['online_seconds_per_image'] * 1e3:.1f})  online "
+          f"{row['online_mb_per_image']:.1f} MB  offline {row['offline_mb_per_image']:.1f} MB  "
+          f"{row['rounds']} rounds  compile {row['compile_seconds']:.1f} s  "
+          f"load {row['load_average']:.1f}", flush=True)
   record = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "versions": io.versions(), "rows": rows,
-            "not_run": "resnet18: GroupNorm (secure inverse square root) not implemented"}
+            "cpu_count": os.cpu_count(), "versions": io.versions(), "rows": rows}
   out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                  f"encrypted_inference_{jax.default_backend()}.json")
   io.write_json_atomic(out, record)

@@ -7,8 +7,9 @@ in one process with real ring arithmetic (docs/encrypted_inference.md):
   ring.py      fixed point in Z_2^64, sharing, local truncation
   channels.py  every message counted (online bytes and rounds, dealer bytes)
   dealer.py    Beaver triples, binary AND triples, doubly shared bits
-  protocol.py  linear layers, multiplication, comparison, ReLU, tanh, argmax
-  network.py   a trained model's params as a layer list, run securely or in the clear
+  protocol.py  linear layers, multiplication, comparison, ReLU, tanh, pooling, argmax
+  group_norm.py  GroupNorm: group statistics and a secure inverse square root
+  network.py   a trained model's params shared, its secure forward (small CNNs, ResNet-18)
   service.py   load a run, encrypt-infer its images, compare with plaintext
   __main__.py  `python -m privacy.encrypted_inference --workdir=runs/x`
 

@@ -20,7 +20,7 @@ _IMAGES = flags.DEFINE_string("images", "", ".npz with 'images' uint8 [N, H, W, 
                               "(and optionally 'labels'); overrides --split.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "At most this many images (0: all).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per protocol call (memory: the dealer's "
-                             "material for cnn_tanh is ~70 MB per 28 px image).")
+                             "material for cnn_tanh is ~25 MB per 28 px image).")
 _REVEAL = flags.DEFINE_string("reveal", "logits", "What party 0 learns: logits (and the "
                               "label) | label (only the argmax; no encrypted AUROC).")
 _JIT = flags.DEFINE_bool("jit", True, "Compile the protocol (--nojit: op by op, no "

@@ -1,9 +1,9 @@
 """A trained model as a list of layers, run on shares or in the clear.
 
-Supported: the small CNNs of fedsim/models.py ("cnn", "cnn_tanh", "cnn_gap"):
-3x3 SAME convolutions with bias, 2x2 average pooling, dense layers, ReLU or tanh,
-global average pooling. ResNet-18 is refused: its GroupNorm needs a secure
-inverse square root (and its stem a max pool) that this package does not have.
+Supported: the models of fedsim/models.py: the small CNNs ("cnn", "cnn_tanh",
+"cnn_gap": 3x3 SAME convolutions with bias, 2x2 average pooling, dense layers, ReLU
+or tanh, global average pooling) and "resnet18" (strided convolutions without bias,
+GroupNorm with a secure inverse square root, max pool, residual sums).
 
 `compile_protocol` turns a protocol function into an offline part (the dealer's
 material) and an online part (the parties' work), both jitted, with the messages
@@ -17,12 +17,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from privacy.encrypted_inference import channels, protocol, ring
+from privacy.encrypted_inference import channels, group_norm, protocol, ring
 from privacy.encrypted_inference import dealer as dealer_lib
 from privacy.validation import check
 
-PLANS = {
+SEQUENTIAL = {
     "cnn": ("conv1", "relu", "pool", "conv2", "relu", "pool", "flatten", "dense1", "relu",
             "head"),
     "cnn_tanh": ("conv1", "tanh", "pool", "conv2", "tanh", "pool", "flatten", "dense1",
@@ -30,71 +31,150 @@ PLANS = {
     "cnn_gap": ("conv1", "relu", "pool", "conv2", "relu", "pool", "conv3", "relu", "mean",
                 "head"),
 }
-SUPPORTED = tuple(PLANS)
+SUPPORTED = (*SEQUENTIAL, "resnet18")
+RESNET_GROUPS = 8  # fedsim.models.ResNet18's GroupNorm groups
 
 
 def check_model(name: str) -> None:
   """Refuses a model this package cannot run securely (one ValueError line)."""
-  check(name in PLANS, "model", name,
-        f"one of {list(SUPPORTED)} for encrypted inference (resnet18 needs GroupNorm's "
-        "inverse square root and a max pool, not implemented)")
+  check(name in SUPPORTED, "model", name, f"one of {list(SUPPORTED)} for encrypted inference")
 
 
-def _conv(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+@functools.lru_cache(maxsize=None)
+def conv_op(stride: int) -> Callable:
+  """SAME convolution with `stride` (one function object per stride: a static jit arg)."""
+
+  def conv(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  return conv
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   return x @ w
 
 
-def _op(kernel) -> Callable:
-  return _conv if kernel.ndim == 4 else _matmul
+def _op(kernel, stride: int = 1) -> Callable:
+  return conv_op(stride) if kernel.ndim == 4 else _matmul
 
 
-def linear_layers(params) -> dict:
-  """{layer: {"kernel", "bias"}} of the model's conv and dense layers (float)."""
-  return dict(params["params"])
+def layers(params) -> dict:
+  """{"block/layer": {"kernel", "bias"?} or {"scale", "bias"}}: the model's linear layers
+  (conv, dense) and norms, by their path in the params tree."""
+  out = {}
+
+  def walk(tree, path):
+    if "kernel" in tree or "scale" in tree:
+      out["/".join(path)] = dict(tree)
+      return
+    for name, sub in tree.items():
+      walk(sub, (*path, name))
+
+  walk(params["params"], ())
+  return out
 
 
 def setup(ch: channels.Channel, params, key: jax.Array) -> tuple[dict, dict]:
-  """Shares the model (the owner sends party 0 its share of every W and b), the
+  """Shares the model (the owner sends party 0 its share of every parameter), the
   dealer's masks B (offline), and opens F = W - B once. Returns (model, masks)."""
-  layers = linear_layers(params)
+  all_layers = layers(params)
+  linear = {name: layer for name, layer in all_layers.items() if "kernel" in layer}
   masks = dealer_lib.make_masks(jax.random.fold_in(key, 0),
-                                {name: layer["kernel"].shape for name, layer in layers.items()})
+                                {name: layer["kernel"].shape for name, layer in linear.items()})
+  for layer in all_layers.values():
+    ch.send(channels.ring_bytes(sum(layer[k].size for k in ("kernel", "bias", "scale")
+                                    if k in layer)), "share_model")
+    if "kernel" in layer:
+      ch.deal(channels.ring_bytes(layer["kernel"].size))
+      ch.exchange(channels.ring_bytes(layer["kernel"].size), "open_masked_weights")
+  return _share_model(key, all_layers, masks), masks
+
+
+@jax.jit
+def _share_model(key: jax.Array, all_layers: dict, masks: dict) -> dict:
+  """Shares of every layer's parameters and, for a linear layer, F = W - B opened
+  (one compilation for the whole model)."""
+  arrays = [(name, k, layer[k]) for name, layer in sorted(all_layers.items())
+            for k in ("kernel", "bias", "scale") if k in layer]
+  sizes = [v.size for _, _, v in arrays] + [masks[name].size for name in sorted(masks)]
+  rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+  words = iter(jnp.split(ring.random_ring(rbg, (sum(sizes),)), np.cumsum(sizes)[:-1]))
+  shared = {(name, k): _share(ring.encode(v), next(words)) for name, k, v in arrays}
   model = {}
-  for i, (name, layer) in enumerate(sorted(layers.items())):
-    kw, kb, kbm = jax.random.split(jax.random.fold_in(key, i + 1), 3)
-    w = ring.share(kw, ring.encode(layer["kernel"]))
-    b = ring.share(kb, ring.encode(layer["bias"]))
-    ch.send(channels.ring_bytes(w[0].size + b[0].size), "share_model")
-    ch.deal(channels.ring_bytes(w[0].size))
-    f = protocol.open_shares(ch, w - ring.share(kbm, masks[name]), "open_masked_weights")
-    model[name] = {"w": w, "b": b, "f": f}
-  return model, masks
-
-
-def secure_forward(ch, dealer, plan: tuple, model: dict, x: jax.Array) -> jax.Array:
-  """Shares of the logits `[2, B, classes]` from shares of normalised images `[2, B, H, W, C]`."""
-  for step in plan:
-    if step in model:
-      m = model[step]
-      x = protocol.linear(ch, dealer, x, m["w"], m["f"], m["b"], _op(m["w"][0]), step)
-    elif step == "relu":
-      x = protocol.relu(ch, dealer, x)
-    elif step == "tanh":
-      x = protocol.tanh(ch, dealer, x)
-    elif step == "pool":
-      x = protocol.avg_pool(x)
-    elif step == "mean":
-      x = protocol.global_mean(x)
-    elif step == "flatten":
-      x = x.reshape(2, x.shape[1], -1)
+  for name, layer in sorted(all_layers.items()):
+    if "kernel" in layer:
+      w = shared[(name, "kernel")]
+      f = ring.reconstruct(w - _share(masks[name], next(words)))  # opened
+      model[name] = {"w": w, "b": shared.get((name, "bias")), "f": f}
     else:
-      raise ValueError(f"layer {step!r} has no parameters in the checkpoint")
-  return x
+      model[name] = {"scale": shared[(name, "scale")], "b": shared[(name, "bias")]}
+  return model
+
+
+def _share(value: jax.Array, words: jax.Array) -> jax.Array:
+  """Additive shares `[2, ...]` of `value`, masked by uniform `words` (value - r, r)."""
+  r = words.reshape(value.shape)
+  return jnp.stack([value - r, r])
+
+
+def _linear(ch, dealer, model, name, x, stride=1):
+  m = model[name]
+  return protocol.linear(ch, dealer, x, m["w"], m["f"], m["b"], _op(m["w"][0], stride), name)
+
+
+def sequential(steps: tuple) -> Callable:
+  """The secure forward of a chain of layers: `fn(ch, dealer, model, x) -> logits`."""
+
+  def forward(ch, dealer, model, x):
+    for step in steps:
+      if step in model:
+        x = _linear(ch, dealer, model, step, x)
+      elif step == "relu":
+        x = protocol.relu(ch, dealer, x)
+      elif step == "tanh":
+        x = protocol.tanh(ch, dealer, x)
+      elif step == "pool":
+        x = protocol.avg_pool(x)
+      elif step == "mean":
+        x = protocol.global_mean(x)
+      elif step == "flatten":
+        x = x.reshape(2, x.shape[1], -1)
+      else:
+        raise ValueError(f"layer {step!r} has no parameters in the checkpoint")
+    return x
+
+  return forward
+
+
+def resnet18(ch, dealer, model, x, groups: int = RESNET_GROUPS):
+  """fedsim.models.ResNet18 on shares: the stem (3x3, or 7x7 / 2 and a 3x3 / 2 max pool
+  above 64 px), 4 stages of 2 basic blocks (conv, GroupNorm, ReLU; a 1x1 projection
+  where the shape changes), global mean, head."""
+  norm = lambda name, v: group_norm.group_norm(ch, dealer, v, model[name]["scale"],
+                                               model[name]["b"], groups)
+  small = x.shape[2] <= 64
+  x = protocol.relu(ch, dealer, norm("stem_norm", _linear(ch, dealer, model, "stem", x,
+                                                          1 if small else 2)))
+  if not small:
+    x = protocol.max_pool(ch, dealer, x)
+  for stage in range(4):
+    for block in range(2):
+      name = f"stage{stage + 1}_block{block + 1}"
+      stride = 2 if stage > 0 and block == 0 else 1
+      y = _linear(ch, dealer, model, f"{name}/conv1", x, stride)
+      y = protocol.relu(ch, dealer, norm(f"{name}/norm1", y))
+      y = norm(f"{name}/norm2", _linear(ch, dealer, model, f"{name}/conv2", y))
+      if f"{name}/proj" in model:
+        x = norm(f"{name}/proj_norm", _linear(ch, dealer, model, f"{name}/proj", x, stride))
+      x = protocol.relu(ch, dealer, x + y)
+  return _linear(ch, dealer, model, "head", protocol.global_mean(x))
+
+
+def forward_fn(model_name: str) -> Callable:
+  """The secure forward of a supported model: `fn(ch, dealer, model, x) -> logits`."""
+  check_model(model_name)
+  return resnet18 if model_name == "resnet18" else sequential(SEQUENTIAL[model_name])
 
 
 def compile_protocol(fn: Callable, masks: dict, *example_args,
@@ -112,7 +192,7 @@ def compile_protocol(fn: Callable, masks: dict, *example_args,
   requests = recorder.requests
 
   def offline(key):
-    return dealer_lib.generate(requests, masks, key)
+    return dealer_lib.generate(requests, masks, key, op_by_op=not jit)
 
   def online(material, *args):
     return fn(channels.Channel(), dealer_lib.Replay(material), *args)
@@ -122,15 +202,16 @@ def compile_protocol(fn: Callable, masks: dict, *example_args,
   return offline, online, ch.totals()
 
 
-def inference_fn(plan: tuple, reveal: str) -> Callable:
-  """The protocol of one batch: forward, secure argmax, outputs revealed to party 0.
+def inference_fn(forward: Callable, reveal: str) -> Callable:
+  """The protocol of one batch: `forward` (forward_fn), secure argmax, outputs revealed
+  to party 0.
 
   Returns `fn(ch, dealer, model, x) -> (one_hot [B, C], logits [B, C] ring or None)`;
   `reveal="label"` reveals the one-hot argmax only, `"logits"` the logits too.
   """
 
   def fn(ch, dealer, model, x):
-    logits = secure_forward(ch, dealer, plan, model, x)
+    logits = forward(ch, dealer, model, x)
     one_hot = protocol.argmax(ch, dealer, logits)
     if reveal == "label":
       return protocol.reveal_to_hospital(ch, one_hot, "reveal"), None

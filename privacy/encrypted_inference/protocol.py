@@ -6,16 +6,19 @@ Every function takes the channel `ch` and the `dealer` (dealer.py), shares `[2, 
 
 - `linear`, `mul`: exact ring products, then `ring.truncate` (<= 1 ulp per output;
   failure probability in ring.py); products with a bit are exact (no truncation).
-- `msb`, `relu`, `less_than`, `argmax`: exact on every ring element (the sign bit of
-  x0 + x1 mod 2^64 is computed by a Kogge-Stone adder on XOR-shared 64-bit words).
-- `avg_pool`: one truncation by 2 bits (<= 1 ulp); `global_mean`: one public product.
-- `tanh`: piecewise quartic (TANH_KNOTS): |error| <= 3.1e-4 in real arithmetic, plus
-  the input's rounding and 4 truncations: |error| < 7e-4 (4.8e-4 measured on 20,001
-  points in [-8, 8]).
+- `msb`: exact on every ring element at 64 bits, on |x| < 2^(bits - 1) for narrower
+  words; `relu`, `argmax`, `max_pool` compare in 32 bits: exact for |v| < 2^19 (max
+  pool 2^18); the sign bit of x0 + x1 comes from a Kogge-Stone adder on XOR-shared words.
+- `avg_pool`: one truncation by 2 bits (<= 1 ulp); `global_mean`: ring.divide_public.
+- `tanh`: piecewise quartic (TANH_KNOTS), knots compared in 16 bits: |error| <= 2.8e-4
+  in real arithmetic, plus the input's rounding and the truncations: |error| < 7e-4
+  (5.6e-4 measured on 16,001 points in [-8, 8]) for |x| < TANH_RANGE (2043.4).
 
 Per element, online: an open of n ring elements costs 2 * 8n bytes (both parties
-send) and 1 round; `msb` 12 AND words (384 bytes, 7 rounds); a bit to ring 2 bits
-(1 round); `relu` = msb + bit to ring + product with the bit: 416.25 bytes, 9 rounds.
+send) and 1 round; `msb` in w bits 2 log2(w) AND words (w = 64: 384 bytes, 7 rounds;
+32: 160 bytes, 6 rounds; 16: 64 bytes, 5 rounds); a bit to ring 2 bits (1 round);
+`relu` = 32-bit msb + bit to ring + product with the bit: 192.25 bytes, 8 rounds;
+`tanh` 9 16-bit comparisons and 7 products: 802.25 bytes, 9 rounds.
 """
 
 from __future__ import annotations
@@ -27,15 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from privacy.encrypted_inference import channels, ring
+from privacy.encrypted_inference import dealer as dealer_lib
 from privacy.encrypted_inference.dealer import Request
 
 ONE = np.uint64(1)
-
-
-def open_shares(ch: channels.Channel, shares: jax.Array, step: str) -> jax.Array:
-  """Both parties send their share; both learn the value (1 round)."""
-  ch.exchange(channels.ring_bytes(shares[0].size), step)
-  return ring.reconstruct(shares)
 
 
 def linear(ch, dealer, x: jax.Array, w: jax.Array, f: jax.Array, bias: jax.Array | None,
@@ -75,9 +73,10 @@ def _mul_local(x, y, a, b, c, fixed):
 
 
 def _and(ch, dealer, x: jax.Array, y: jax.Array) -> jax.Array:
-  """XOR shares of x & y, 64-bit words (AND triple, 1 round)."""
-  u, v, w = dealer(Request("and", x.shape[1:]))
-  ch.exchange(channels.ring_bytes(2 * x[0].size), "compare")
+  """XOR shares of x & y, words of x's width (AND triple, 1 round)."""
+  bits = x.dtype.itemsize * 8
+  u, v, w = dealer(Request("and", x.shape[1:], bits=bits))
+  ch.exchange(channels.ring_bytes(2 * x[0].size, bits), "compare")
   return _and_local(x, y, u, v, w)
 
 
@@ -88,32 +87,57 @@ def _and_local(x, y, u, v, w):
   return z.at[0].set(z[0] ^ (d & e))
 
 
-def msb(ch, dealer, x: jax.Array) -> jax.Array:
-  """XOR shares (0/1 words) of the sign bit of x: exact, 12 AND words, 7 rounds.
+def msb(ch, dealer, x: jax.Array, *, bits: int = 64, shift: int = 0) -> jax.Array:
+  """XOR shares (0/1 words) of the sign bit of x >> shift read as a `bits`-bit number.
 
-  x0 and x1 are each party's input to a 64-bit adder; generate G = x0 & x1 and
-  propagate P = x0 ^ x1 are combined over spans 1, 2, ..., 32 (Kogge-Stone); the
-  sign bit is P_63 ^ carry_63 = P_63 ^ G_62.
+  Each party keeps the bits [shift, shift + bits) of its share (party 1 after the
+  local truncation's negation), so the two are `bits`-bit shares of x >> shift (within
+  1, as ring.truncate) mod 2^bits: the sign bit is x's sign whenever |x >> shift| <
+  2^(bits - 1). bits=64, shift=0 is exact on every ring element; narrower words are
+  exact on a stated range (relu, argmax) and cheaper: the adder needs 2 log2(bits) AND
+  words of `bits` bits and log2(bits) + 1 rounds (64: 12 words, 7 rounds; 32: 10 words,
+  6 rounds; 16: 8 words, 5 rounds).
+
+  x0 and x1 are each party's input to the adder; generate G = x0 & x1 and propagate
+  P = x0 ^ x1 are combined over spans 1, 2, ..., bits / 2 (Kogge-Stone); the sign
+  bit is P_top ^ carry_top.
   """
-  zero = jnp.zeros_like(x[0])
-  p = x  # XOR shares of x0 ^ x1: (x0, x1)
-  g = _and(ch, dealer, jnp.stack([x[0], zero]), jnp.stack([zero, x[1]]))
-  for span in (1, 2, 4, 8, 16):
+  y = _low_bits(x, bits, shift)
+  zero = jnp.zeros_like(y[0])
+  p = y  # XOR shares of y0 ^ y1: (y0, y1)
+  g = _and(ch, dealer, jnp.stack([y[0], zero]), jnp.stack([zero, y[1]]))
+  span = 1
+  while span < bits // 2:
     both = _and(ch, dealer, *_spread(g, p, span))
     g, p = g ^ both[:, 0], both[:, 1]
-  return _sign(x, g, _and(ch, dealer, p, g << np.uint64(32)))
+    span *= 2
+  return _sign(y, g, _and(ch, dealer, p, _shift_left(g, bits // 2)))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _low_bits(x, bits, shift):
+  """Each party's `bits`-bit share of x >> shift (local, SecureML truncation)."""
+  if shift:
+    x = ring.truncate(x, shift)
+  return x.astype(dealer_lib.UINT[bits])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _shift_left(g, span):
+  return g << g.dtype.type(span)
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _spread(g, p, span):
   """The two AND inputs of a Kogge-Stone level: (P, P) and (G << span, P << span)."""
-  s = np.uint64(span)
+  s = g.dtype.type(span)
   return jnp.stack([p, p], 1), jnp.stack([g << s, p << s], 1)
 
 
 @jax.jit
 def _sign(p0, g, last):
-  return ((p0 ^ ((g ^ last) << ONE)) >> np.uint64(63)) & ONE
+  one, top = p0.dtype.type(1), p0.dtype.type(p0.dtype.itemsize * 8 - 1)
+  return ((p0 ^ ((g ^ last) << one)) >> top) & one
 
 
 def bit_to_ring(ch, dealer, bit: jax.Array) -> jax.Array:
@@ -125,63 +149,79 @@ def bit_to_ring(ch, dealer, bit: jax.Array) -> jax.Array:
 
 @jax.jit
 def _bit_to_ring_local(bit, rb, ra):
-  c = (bit ^ rb)[0] ^ (bit ^ rb)[1]  # opened
+  c = ((bit ^ rb)[0] ^ (bit ^ rb)[1]).astype(ring.DTYPE)  # opened
   return (ra * (ONE - (c << ONE))).at[0].add(c)  # r (1 - 2c) + c = c xor r
 
 
-def less_than_zero(ch, dealer, x: jax.Array) -> jax.Array:
-  """Additive shares of [x < 0] (0 or 1, an integer, not fixed point)."""
-  return bit_to_ring(ch, dealer, msb(ch, dealer, x))
+def less_than_zero(ch, dealer, x: jax.Array, *, bits: int = 64, shift: int = 0) -> jax.Array:
+  """Additive shares of [x < 0] (0 or 1, an integer, not fixed point); `msb`'s range."""
+  return bit_to_ring(ch, dealer, msb(ch, dealer, x, bits=bits, shift=shift))
+
+
+# ReLU and argmax compare in 32 bits: exact whenever |v| < 2^(31 - FRAC_BITS) = 2^19.
+COMPARE_BITS = 32
+COMPARE_RANGE = 2.0**(COMPARE_BITS - 1 - ring.FRAC_BITS)
+POOL_PAD = COMPARE_RANGE / 2  # max pooling: exact for |x| < POOL_PAD = 2^18
 
 
 def relu(ch, dealer, x: jax.Array) -> jax.Array:
-  """max(x, 0): x * (1 - [x < 0]), exact."""
-  negative = less_than_zero(ch, dealer, x)
+  """max(x, 0): x * (1 - [x < 0]), exact for |x| < COMPARE_RANGE."""
+  negative = less_than_zero(ch, dealer, x, bits=COMPARE_BITS)
   keep = ring.add_public(-negative, ONE)
   return mul(ch, dealer, x, keep, fixed=False)
 
 
-def _fit_tanh(knots: np.ndarray, degree: int) -> np.ndarray:
-  """Per interval [t_k, t_k+1): coefficients in (x - centre), least squares on
-  Chebyshev nodes, `[intervals, degree + 1]` (constant term first)."""
-  rows = []
+# tanh: the knots are compared in 16 bits after a shift by 8: (x - t) >> 8 (within one
+# unit of 2^-4) has the sign of x - t for |x - t| < 2^(15 + 8 - FRAC_BITS) - 2^-4, and is
+# decided within TANH_MARGIN = 2^-4 of the knot, so each piece is fitted on its interval
+# widened by the margin. With knots in [-4.5, 4.5]: exact pieces for |x| < TANH_RANGE.
+KNOT_BITS, KNOT_SHIFT = 16, 8
+TANH_MARGIN = 2.0**(KNOT_SHIFT - ring.FRAC_BITS)
+TANH_RANGE = 2.0**(KNOT_BITS - 1 + KNOT_SHIFT - ring.FRAC_BITS) - TANH_MARGIN - 4.5
+
+
+def _fit_tanh(knots: np.ndarray, degree: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
+  """Pieces: -1 below the first knot, a polynomial in (x - centre) on each interval
+  (least squares on Chebyshev nodes of the interval widened by `margin`), +1 from the
+  last knot. Returns (centres [pieces], coefficients [pieces, degree + 1], constant first)."""
+  centres, rows = [0.0], [[-1.0] + [0.0] * degree]
   for lo, hi in zip(knots[:-1], knots[1:]):
-    u = np.cos(np.linspace(0, np.pi, 400)) * (hi - lo) / 2
+    u = np.cos(np.linspace(0, np.pi, 400)) * ((hi - lo) / 2 + margin)
+    centres.append((lo + hi) / 2)
     rows.append(np.polyfit(u, np.tanh(u + (lo + hi) / 2), degree)[::-1])
-  return np.array(rows)
+  centres.append(0.0)
+  rows.append([1.0] + [0.0] * degree)
+  return np.array(centres), np.array(rows)
 
 
-TANH_KNOTS = np.linspace(-4.5, 4.5, 9)  # outside: -1 and +1 (1 - tanh(4.5) = 2.5e-4)
+TANH_KNOTS = np.linspace(-4.5, 4.5, 9)  # outside: -1 and +1 (1 - tanh(4.5 - 1/16) = 2.8e-4)
 TANH_DEGREE = 4
-TANH_COEFFS = _fit_tanh(TANH_KNOTS, TANH_DEGREE)
+TANH_CENTRES, TANH_COEFFS = _fit_tanh(TANH_KNOTS, TANH_DEGREE, TANH_MARGIN)
 
 
 def tanh(ch, dealer, x: jax.Array) -> jax.Array:
-  """Piecewise-quartic tanh: -1 below the first knot, +1 from the last, a quartic in
-  (x - centre) on each interval; the comparisons and the powers run in parallel."""
-  minus_knots = [ring.public_scalar(-t) for t in TANH_KNOTS]
-  minus_centres = [ring.public_scalar(-(a + b) / 2)
-                   for a, b in zip(TANH_KNOTS[:-1], TANH_KNOTS[1:])]
-
-  def compare(c):
-    return less_than_zero(c, dealer, jnp.stack([ring.add_public(x, t) for t in minus_knots], 1))
-
-  def powers(c):
-    z = jnp.stack([ring.add_public(x, m) for m in minus_centres], 1)  # [2, intervals, ...]
-    z2 = mul(c, dealer, z, z)
-    z34 = mul(c, dealer, jnp.stack([z2, z2], 1), jnp.stack([z, z2], 1))
-    return [z, z2, z34[:, 0], z34[:, 1]]
-
-  below, pw = ch.parallel(compare, powers)  # below[:, k] = [x < t_k]
-  coeff = lambda i: ring.encode(TANH_COEFFS[:, i].reshape((-1,) + (1,) * (x.ndim - 1)))
+  """Piecewise-quartic tanh for |x| < TANH_RANGE: the knots' comparisons give a one-hot
+  piece indicator, which selects the piece's centre and coefficients locally (public
+  constants times shared bits); then one quartic in z = x - centre: z^2, (z^3, z^4),
+  and the four coefficient products, summed before one truncation. 9 rounds."""
+  knots = jnp.stack([ring.add_public(x, ring.public_scalar(-t)) for t in TANH_KNOTS], 1)
+  below = less_than_zero(ch, dealer, knots, bits=KNOT_BITS, shift=KNOT_SHIFT)  # [x < t_k]
+  piece = jnp.concatenate([below[:, :1], below[:, 1:] - below[:, :-1],
+                           ring.add_public(-below[:, -1:], ONE)], 1)  # [2, pieces, B, ...]
+  select = lambda table: _select(piece, ring.encode(table))
+  z = x - select(TANH_CENTRES)
+  z2 = mul(ch, dealer, z, z)
+  z34 = mul(ch, dealer, jnp.stack([z2, z2], 1), jnp.stack([z, z2], 1))
+  coeffs = jnp.stack([select(TANH_COEFFS[:, i]) for i in range(1, TANH_DEGREE + 1)], 1)
+  terms = mul(ch, dealer, coeffs, jnp.stack([z, z2, z34[:, 0], z34[:, 1]], 1), fixed=False)
   # One truncation for the whole sum: the terms' rounding errors do not add up.
-  poly = ring.add_public(ring.truncate(sum(p * coeff(i + 1) for i, p in enumerate(pw))),
-                         coeff(0))
-  inside = below[:, 1:] - below[:, :-1]  # [t_k <= x < t_k+1]
-  pieces = mul(ch, dealer, inside, poly, fixed=False).sum(1)
-  scale = np.uint64(ring.SCALE)
-  tails = (ring.add_public(-below[:, -1], ONE) - below[:, 0]) * scale  # +1 above, -1 below
-  return pieces + tails
+  return ring.truncate(terms.sum(1)) + select(TANH_COEFFS[:, 0])
+
+
+@jax.jit
+def _select(piece, table):
+  """sum_k piece_k * table_k: shares of the selected public constant (local, exact)."""
+  return (piece * table.reshape((1, -1) + (1,) * (piece.ndim - 2))).sum(1)
 
 
 def avg_pool(x: jax.Array) -> jax.Array:
@@ -193,8 +233,29 @@ def avg_pool(x: jax.Array) -> jax.Array:
 
 
 def global_mean(x: jax.Array) -> jax.Array:
-  """Mean over H and W of `[2, B, H, W, C]` (local)."""
-  return ring.mul_public(x.sum((2, 3)), 1.0 / (x.shape[2] * x.shape[3]))
+  """Mean over H and W of `[2, B, H, W, C]` (local; ring.divide_public's error)."""
+  return ring.divide_public(x.sum((2, 3)), x.shape[2] * x.shape[3])
+
+
+def max_pool(ch, dealer, x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+  """Max pooling of `[2, B, H, W, C]` with SAME padding (flax.linen.max_pool's), exact for
+  |x| < POOL_PAD: the window's values play a knock-out tournament, max(a, b) = b +
+  relu(a - b), all pairs of a level at once (4 levels of relu for a 3x3 window). Padding
+  is the public -POOL_PAD, which never wins against a real value in range."""
+  _, _, h, w, _ = x.shape
+  pads = jax.lax.padtype_to_pads((h, w), (window, window), (stride, stride), "SAME")
+  pad = ((0, 0), (0, 0), *pads, (0, 0))
+  x = jnp.pad(x, pad).at[0].add(jnp.pad(jnp.zeros(x.shape[1:], ring.DTYPE), pad[1:],
+                                        constant_values=ring.public_scalar(-POOL_PAD)))
+  out_h, out_w = -(-h // stride), -(-w // stride)
+  views = [x[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+           for i in range(window) for j in range(window)]
+  while len(views) > 1:
+    half = len(views) // 2
+    a, b = jnp.stack(views[:half], 1), jnp.stack(views[half:2 * half], 1)
+    wins = b + relu(ch, dealer, a - b)  # [2, pairs, ...]: one relu call for the level
+    views = [wins[:, k] for k in range(half)] + views[2 * half:]
+  return views[0]
 
 
 def argmax(ch, dealer, logits: jax.Array) -> jax.Array:
@@ -208,7 +269,7 @@ def argmax(ch, dealer, logits: jax.Array) -> jax.Array:
   if not pairs:
     return jnp.zeros_like(logits).at[0].set(ONE)
   diffs = jnp.stack([logits[..., i] - logits[..., j] for i, j in pairs], -1)
-  lt = less_than_zero(ch, dealer, diffs)  # [2, B, pairs]: l_i < l_j
+  lt = less_than_zero(ch, dealer, diffs, bits=COMPARE_BITS)  # [2, B, pairs]: l_i < l_j
   index = {pair: k for k, pair in enumerate(pairs)}
   factors = []
   for i in range(classes):

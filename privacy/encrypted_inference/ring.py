@@ -83,3 +83,12 @@ def public_scalar(value: float, frac_bits: int = FRAC_BITS) -> np.uint64:
 def mul_public(shares: jax.Array, value: float) -> jax.Array:
   """Shares of x * c for a public real c, truncated back to FRAC_BITS (local)."""
   return truncate(shares * public_scalar(value))
+
+
+def divide_public(shares: jax.Array, n: int, drop_bits: int = 0) -> jax.Array:
+  """Shares of x / n / 2^drop_bits for a public integer n >= 1 (local): x >> (floor(log2 n)
+  + drop_bits), then times 2^floor(log2 n) / n in (1/2, 1]. Error <= 2 ulp + |x / n|
+  2^-12 (a product by 1/n encoded directly would lose all precision for n > 2^12)."""
+  shift = int(n).bit_length() - 1
+  x = truncate(shares, shift + drop_bits) if shift + drop_bits else shares
+  return mul_public(x, 2.0**shift / n)

@@ -48,6 +48,9 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
         "(written by launch.py)")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f)["config"])
+  task = config.get("task", "classification")
+  check(task == "classification", "task", task, "'classification' for encrypted inference "
+        "(the secure protocol reveals a label per image, not a mask)")
   network.check_model(config.model)
   from fedsim import checkpoint  # orbax is slow to import
   ckpt = workdir_lib.checkpoint_dir(workdir)
@@ -104,8 +107,7 @@ def encrypted_predict(model_name: str, params, images: np.ndarray, *, batch_size
   channel counts, setup counts and the timings. `jit=False` runs op by op: no
   compilation (quicker for one small batch), slower per image.
   """
-  plan = network.PLANS[model_name]
-  fn = network.inference_fn(plan, reveal)
+  fn = network.inference_fn(network.forward_fn(model_name), reveal)
 
   def with_input(ch, dealer, model, x):
     ch.send(channels.ring_bytes(x[0].size), "share_input")  # party 0 -> party 1

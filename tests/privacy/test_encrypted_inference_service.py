@@ -65,7 +65,7 @@ def test_cli_agrees_with_plaintext_on_every_test_image(trained_run, capsys):
   assert abs(record["auroc_encrypted"] - record["auroc_plaintext"]) < 0.02
   assert record["max_logit_error"] < 0.01
   # input, 3 x (linear, relu), head, argmax (comparisons, bits, product), reveal
-  assert record["rounds"] == 1 + 3 * (1 + 9) + 1 + 9 + 1
+  assert record["rounds"] == 1 + 3 * (1 + 8) + 1 + 8 + 1
   assert record["online_bytes_per_image"] > record["online_bytes_by_step_per_image"]["compare"]
 
 
@@ -82,9 +82,9 @@ def test_missing_workdir_is_one_clear_error(tmp_path, capsys):
 
 
 def test_unsupported_model_is_refused_before_any_compute(tmp_path):
-  workdir = os.fspath(tmp_path / "resnet")
-  workdir_lib.open_run(workdir, _config("resnet18"))
-  with pytest.raises(ValueError, match="model='resnet18' must be one of"):
+  workdir = os.fspath(tmp_path / "vit")
+  workdir_lib.open_run(workdir, _config("vit"))
+  with pytest.raises(ValueError, match="model='vit' must be one of"):
     service.run_service(workdir)
 
 
