@@ -141,22 +141,13 @@ def train(setup: Setup, workdir: str, *, progress: bool = True,
       stopped_early = str(error)
       break
     evaluated, rounds_done = out.model, r
-    if ledger is not None:
-      ledger.record_round(out.participating,  # the distributed noise that survived, if any
-                          noise_multiplier=aggregation.charged_noise_multiplier(config, r))
-    if r % config.eval_every == 0 or r == config.num_rounds:
-      scalars, report = evaluate(setup, evaluated)
-      scalars.update(round_scalars(setup, out, ledger, time.perf_counter() - start))
-      if ledger is not None:
-        ledger.snapshot(r)
-      writer.write_scalars(r, scalars)
-      events.write_scalars(r, scalars)
+    logged = after_round(setup, workdir, writer, events, ledger, r, out, state, start)
+    if logged is not None:
+      scalars, report = logged
       utility = ("dice", "dice") if "dice" in scalars else ("acc", "accuracy")
       bar.set_postfix(loss=f"{scalars['loss']:.3f}",
                       **{utility[0]: f"{scalars[utility[1]]:.3f}"},
                       **({} if ledger is None else {"eps": f"{scalars['epsilon']:.2f}"}))
-    if config.checkpoint_every and r % config.checkpoint_every == 0 and r < config.num_rounds:
-      save_state(workdir, state)
   bar.close()
   if rounds_done and not scalars:  # stopped before the first evaluation
     scalars, report = evaluate(setup, evaluated)
@@ -165,8 +156,32 @@ def train(setup: Setup, workdir: str, *, progress: bool = True,
                                   os.path.join(workdir, "segmentations.png"),
                                   class_names=setup.fed.class_names,
                                   chunk=max(setup.strategy.chunk, 8))
-  return _finish(setup, workdir, writer, state, ledger, scalars, report, stopped_early,
-                 time.perf_counter() - start)
+  return finish_record(setup, workdir, writer, state, ledger, scalars, report, stopped_early,
+                       time.perf_counter() - start)
+
+
+def after_round(setup: Setup, workdir: str, writer, events, ledger, r: int,
+                out: round_lib.RoundOutput, state: server.ServerState,
+                start: float) -> tuple[dict, dict] | None:
+  """Round `r`'s host side: the ledger charged, the model (`out.model`) evaluated and its
+  figures written when due, `state` checkpointed when due. `(scalars, report)` of an
+  evaluated round, else None. `start`: when the process's training began (wall time)."""
+  config = setup.config
+  if ledger is not None:
+    ledger.record_round(out.participating,  # the distributed noise that survived, if any
+                        noise_multiplier=aggregation.charged_noise_multiplier(config, r))
+  logged = None
+  if r % config.eval_every == 0 or r == config.num_rounds:
+    scalars, report = evaluate(setup, out.model)
+    scalars.update(round_scalars(setup, out, ledger, time.perf_counter() - start))
+    if ledger is not None:
+      ledger.snapshot(r)
+    writer.write_scalars(r, scalars)
+    events.write_scalars(r, scalars)
+    logged = scalars, report
+  if config.checkpoint_every and r % config.checkpoint_every == 0 and r < config.num_rounds:
+    save_state(workdir, state)
+  return logged
 
 
 def round_scalars(setup: Setup, out: round_lib.RoundOutput, ledger, wall: float) -> dict:
@@ -185,8 +200,8 @@ def round_scalars(setup: Setup, out: round_lib.RoundOutput, ledger, wall: float)
   return scalars
 
 
-def _finish(setup: Setup, workdir, writer, state, ledger, scalars, report, stopped_early,
-            wall) -> dict:
+def finish_record(setup: Setup, workdir, writer, state, ledger, scalars, report, stopped_early,
+                  wall) -> dict:
   """Writes checkpoint, plot, privacy.json, report.json and (last) summary.json."""
   config = setup.config
   save_state(workdir, state)

@@ -144,20 +144,12 @@ def _lockstep(runs: list[_Run], *, progress: bool) -> list[dict]:
     new_state, model = jax.vmap(finish)(state, sums, round_keys, round_hparams)
     participating = sampling.participation_mask(config.num_clients, cohort)
     for i, run in enumerate(runs):
-      if run.ledger is not None:
-        run.ledger.record_round(participating)
-      if r % config.eval_every == 0 or r == config.num_rounds:
-        out = round_lib.RoundOutput(cohort, participating, _take(sums, i),
-                                    state.clip_norm[i], None)
-        run.scalars, run.report = simulation.evaluate(run.setup, _take(model, i))
-        run.scalars.update(simulation.round_scalars(run.setup, out, run.ledger,
-                                                    time.perf_counter() - start))
-        if run.ledger is not None:
-          run.ledger.snapshot(r)
-        run.writer.write_scalars(r, run.scalars)
-        run.events.write_scalars(r, run.scalars)
-      if config.checkpoint_every and r % config.checkpoint_every == 0 and r < config.num_rounds:
-        simulation.save_state(run.path, _take(new_state, i))
+      out = round_lib.RoundOutput(cohort, participating, _take(sums, i), state.clip_norm[i],
+                                  _take(model, i))
+      logged = simulation.after_round(run.setup, run.path, run.writer, run.events, run.ledger,
+                                      r, out, _take(new_state, i), start)
+      if logged is not None:
+        run.scalars, run.report = logged
     state = new_state
   bar.close()
   summaries = []
@@ -165,8 +157,7 @@ def _lockstep(runs: list[_Run], *, progress: bool) -> list[dict]:
     final = _take(state, i)
     if not run.scalars and int(final.round):  # resumed after its last round
       run.scalars, run.report = simulation.evaluate(run.setup, final.params)
-    # pylint: disable-next=protected-access
-    summaries.append(simulation._finish(run.setup, run.path, run.writer, final, run.ledger,
-                                        run.scalars, run.report, None,
-                                        time.perf_counter() - start))
+    summaries.append(simulation.finish_record(run.setup, run.path, run.writer, final,
+                                              run.ledger, run.scalars, run.report, None,
+                                              time.perf_counter() - start))
   return summaries

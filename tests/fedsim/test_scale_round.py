@@ -70,7 +70,7 @@ def test_rounds_read_nothing_back_and_compile_once(config, workdir, monkeypatch)
   (Client-level DP with Poisson cohorts and adaptive clipping was checked the same way
   by hand; it is left out to keep the suite short.)"""
   config.num_rounds, config.eval_every, config.checkpoint_every = 5, 2, 0
-  for name in ("evaluate", "round_scalars", "save_state", "_finish"):
+  for name in ("evaluate", "round_scalars", "save_state", "finish_record"):
     monkeypatch.setattr(simulation, name, _allowing_reads(getattr(simulation, name)))
   compiles = {}
   step = round_lib.round_step
