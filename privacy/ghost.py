@@ -21,9 +21,12 @@ backward pass that differentiates only with respect to zero "probes" added to
 each layer's output (found with `flax.linen.intercept_methods`). The clipped
 sum is then assembled from the same `a` and `g` ("book-keeping"): for each
 layer `sum_i w_i a_i^T g_i` with `w_i` the clip factor of example i's unit, so
-there is no second backward pass, and an example with non-finite activations
-or gradients is zeroed before any contraction (a reweighted backward pass
-would turn its `0 * inf` into NaN for everybody).
+there is no second backward pass. An example's rows depend on that example
+alone, so a non-finite activation or output gradient makes only its own unit's
+norm non-finite; such a unit is masked out (`where`, not a zero weight: `0 * inf`
+is NaN) of the weighted sum, and of the other units' norms when units are
+matched by id. Nothing scans the activations for non-finite values (on XLA:CPU
+that scan and the masking of every activation cost a third of the step).
 
 privacy/ghost_layers.py says which layers are supported and what each one
 contributes (tokens, vectors); this module runs the two passes, takes the
@@ -91,23 +94,19 @@ def _forward(params: PyTree, batch: PyTree, probes, calls: list[LayerCall],
   return losses, inputs
 
 
-def _all_finite(x: jax.Array) -> jax.Array:
-  return jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
-
-
 class GhostTerms:
   """Per-unit squared norms and a weighted-sum builder for one batch.
 
   Each params leaf's per-example gradient is kept as either "tokens"
   `sum_t A[m, t]^T G[m, t]` (`A [M, T, K]`, `G [M, T, F]`, Gram form) or an
-  explicit vector `V [M, P]`. Every array is finite: examples with non-finite
-  activations or output gradients are zeroed (see `example_finite`).
+  explicit vector `V [M, P]`.
 
   Attributes:
     example_finite: bool `[M]` (`[U]` with `unit_size`), False where an
-      example's (a unit's) layer inputs or output gradients are not all finite.
+      example's (a unit's) gradient is not finite (its own squared norm is
+      not: a non-finite activation or output gradient, or an overflow).
     unit_sq_norms: float `[U]` (or `[M]` without units) squared gradient norm
-      of each unit over all params.
+      of each unit over all params; finite for every unit whose examples are.
     aux: the loss function's aux output from the same forward pass (None
       without `has_aux`).
   """
@@ -122,7 +121,7 @@ class GhostTerms:
     self.aux = aux
 
   def weighted_grad(self, weights: jax.Array) -> PyTree:
-    """`sum_m weights[m] * grad_m` as a params pytree.
+    """`sum_m weights[m] * grad_m` over the finite examples, as a params pytree.
 
     Args:
       weights: `[M]` float (`[U]`, one per unit, with `unit_size`), zero for
@@ -131,16 +130,20 @@ class GhostTerms:
     Returns:
       A pytree shaped like params.
     """
+    finite = self.example_finite
     out = []
     for idx, leaf in enumerate(self._leaves):
       term = self._terms[idx]
       if term[0] == "tokens":
         _, a, g, to_leaf = term
-        kf = jnp.einsum("mtk,mtf->kf", a, g * weights[:, None, None],
+        keep = finite[:, None, None]
+        kf = jnp.einsum("mtk,mtf->kf", jnp.where(keep, a, 0),
+                        jnp.where(keep, g * weights[:, None, None], 0),
                         precision=_HIGHEST)
       else:
         _, v, to_leaf = term
-        kf = jnp.einsum("m,mp->p", weights, v, precision=_HIGHEST)
+        kf = jnp.einsum("m,mp->p", weights, jnp.where(finite[:, None], v, 0),
+                        precision=_HIGHEST)
       out.append(to_leaf(kf).astype(leaf.dtype))
     return jax.tree.unflatten(self._treedef, out)
 
@@ -154,10 +157,17 @@ def _explicit_is_cheaper(m: int, t: int, k: int, f: int, grouped: bool
   return t * k * f < t * t * (k + f) * (m if grouped else 1)
 
 
-def _finalize(terms: dict, segment_ids, num_units) -> tuple[dict, jax.Array]:
-  """Picks the cheaper form per leaf and sums squared norms per unit."""
-  total = 0.0
-  out = {}
+def _finalize(terms: dict, segment_ids, num_units
+              ) -> tuple[dict, jax.Array, jax.Array]:
+  """Picks the cheaper form per leaf; squared norms per unit and finiteness.
+
+  Returns `(terms, unit_sq_norms, finite)`: `finite` per row of the terms
+  (example, or unit with `unit_size`). Without `segment_ids` a row is a unit,
+  so its norm alone says whether it is finite. With them, an example's own
+  squared norm (the diagonal of the Gram pairs, or its row's) flags it, and its
+  rows are masked out before they are summed into any unit's norm.
+  """
+  forms = {}
   for idx, term in terms.items():
     if term[0] == "tokens":
       _, a, g, to_leaf = term
@@ -166,29 +176,44 @@ def _finalize(terms: dict, segment_ids, num_units) -> tuple[dict, jax.Array]:
         e = jnp.einsum("mtk,mtf->mkf", a, g,
                        precision=_HIGHEST).reshape(m, k * f)
         term = ("vec", e, lambda v, k=k, f=f, fn=to_leaf: fn(v.reshape(k, f)))
-      else:
-        total = total + _gram_sq(a, g, segment_ids, num_units)
-    if term[0] == "vec":
-      total = total + _vec_sq(term[1], segment_ids, num_units)
-    out[idx] = term
-  return out, total
-
-
-def _vec_sq(v: jax.Array, segment_ids, num_units) -> jax.Array:
-  if segment_ids is not None:
-    v = jax.ops.segment_sum(v, segment_ids, num_units + 1)[:num_units]
-  return jnp.sum(v * v, axis=-1)
-
-
-def _gram_sq(a: jax.Array, g: jax.Array, segment_ids, num_units) -> jax.Array:
-  """Squared norms of `sum_{m in unit, t} a[m,t] g[m,t]^T` via Gram matrices."""
+    forms[idx] = term
   if segment_ids is None:
-    aa = jnp.einsum("mtk,msk->mts", a, a, precision=_HIGHEST)
-    gg = jnp.einsum("mtf,msf->mts", g, g, precision=_HIGHEST)
-    return jnp.sum(aa * gg, axis=(1, 2))
+    total = sum(_gram_sq(t[1], t[2]) if t[0] == "tokens" else jnp.sum(t[1] * t[1], -1)
+                for t in forms.values())
+    return forms, total, jnp.isfinite(total)
+  pairs = {idx: _gram_pairs(t[1], t[2]) for idx, t in forms.items() if t[0] == "tokens"}
+  own = sum(jnp.diagonal(p) for p in pairs.values()) + sum(
+      jnp.sum(t[1] * t[1], -1) for t in forms.values() if t[0] == "vec")
+  finite = jnp.isfinite(own)
+  total = 0.0
+  for idx, term in forms.items():
+    if term[0] == "tokens":
+      total = total + _unit_pair_sum(pairs[idx], finite, segment_ids, num_units)
+    else:
+      v = jnp.where(finite[:, None], term[1], 0)
+      v = jax.ops.segment_sum(v, segment_ids, num_units + 1)[:num_units]
+      total = total + jnp.sum(v * v, axis=-1)
+  return forms, total, finite
+
+
+def _gram_sq(a: jax.Array, g: jax.Array) -> jax.Array:
+  """Squared norms `[M]` of `sum_t a[m,t] g[m,t]^T` via Gram matrices."""
+  aa = jnp.einsum("mtk,msk->mts", a, a, precision=_HIGHEST)
+  gg = jnp.einsum("mtf,msf->mts", g, g, precision=_HIGHEST)
+  return jnp.sum(aa * gg, axis=(1, 2))
+
+
+def _gram_pairs(a: jax.Array, g: jax.Array) -> jax.Array:
+  """`[M, M]`: `<grad_i, grad_j>` of every two examples' `sum_t a g^T`."""
   aa = jnp.einsum("itk,jsk->ijts", a, a, precision=_HIGHEST)
   gg = jnp.einsum("itf,jsf->ijts", g, g, precision=_HIGHEST)
-  pair = jnp.sum(aa * gg, axis=(2, 3))  # [M, M]
+  return jnp.sum(aa * gg, axis=(2, 3))
+
+
+def _unit_pair_sum(pair: jax.Array, finite: jax.Array, segment_ids, num_units
+                   ) -> jax.Array:
+  """Per-unit squared norms from example pairs, non-finite examples left out."""
+  pair = jnp.where(finite[:, None] & finite[None, :], pair, 0)
   onehot = (segment_ids[:, None] == jnp.arange(num_units)).astype(pair.dtype)
   return jnp.einsum("iu,ij,ju->u", onehot, pair, onehot, precision=_HIGHEST)
 
@@ -252,21 +277,18 @@ def record(loss_fn: LossFn, params: PyTree, batch: PyTree, valid: jax.Array,
     raise ValueError("per_example_loss_fn must call the same layers each time")
   _, gouts = vjp_fn(valid.astype(losses.dtype))
 
-  finite = jnp.ones(valid.shape, bool)
   for x, g in zip(inputs, gouts):
     if x.shape[:1] != valid.shape or g.shape[:1] != valid.shape:
       raise ValueError(
           f"method='ghost' needs every layer to see the batch on axis 0; a "
           f"layer got input {x.shape} / output {g.shape} for a batch of "
           f"{valid.shape[0]}; use method='vmap'")
-    finite = finite & _all_finite(x) & _all_finite(g)
 
   leaves, treedef = jax.tree.flatten(params)
-  terms = ghost_layers.layer_terms(calls, inputs, gouts, finite, leaves)
+  terms = ghost_layers.layer_terms(calls, inputs, gouts, leaves)
   if unit_size > 1:
     terms = {idx: _to_units(term, unit_size) for idx, term in terms.items()}
-    finite = jnp.all(finite.reshape(-1, unit_size), axis=1)
-  terms, sq_norms = _finalize(terms, segment_ids, num_units)
+  terms, sq_norms, finite = _finalize(terms, segment_ids, num_units)
   return GhostTerms(leaves, treedef, terms, finite, sq_norms, aux)
 
 

@@ -206,17 +206,14 @@ def describe(module: nn.Module, args, kwargs,
 
 
 def layer_terms(calls: list[LayerCall], inputs: list, gouts: list,
-                finite: jax.Array, leaves: list) -> dict[int, tuple]:
+                leaves: list) -> dict[int, tuple]:
   """Per params leaf: ("tokens", A, G, to_leaf) or ("vec", V, to_leaf).
 
-  Non-finite examples are zeroed first, so every term is finite.
+  Example m's rows depend only on example m's input and output gradient, so a
+  non-finite example makes only its own rows (and so its own norm) non-finite.
   """
-  def keep(x):
-    return jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-
   terms: dict[int, tuple] = {}
   for call, x, g in zip(calls, inputs, gouts):
-    x, g = keep(x), keep(g)
     m, f = g.shape[0], g.shape[-1]
     gt = g.reshape(m, -1, f)
     xhat = call.prep(x).reshape(m, -1, f) if call.kind == "norm" else None
