@@ -58,8 +58,11 @@ def block_temp_mb(setup: round_lib.Setup) -> float:
   client_keys = blocks.client_keys(keys.round_keys(setup.config.seed, 1).clients, block.ids)
   hparams = {**setup.hparams, "clip_norm": state.clip_norm}
   args = (state.params, block.data, block.valid, client_keys, hparams)
-  total = jax.eval_shape(lambda: setup.block_fn(*args))
-  compiled = setup.block_fn.compiled.lower(total, *args, None).compile()
+  program = setup.block_fn  # bucketed gathers: the program this block runs
+  if hasattr(program, "program_for"):
+    program = program.program_for(block.data, client_keys)
+  total = jax.eval_shape(lambda: program(*args))
+  compiled = program.compiled.lower(total, *args, None).compile()
   return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 

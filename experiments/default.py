@@ -129,5 +129,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.engine.client_block = 0      # clients per jitted call, scanned in chunks (0: per backend)
   c.engine.conv = "auto"         # auto | xla | patches: convolution lowering
   c.engine.unroll = 0            # local-step scan unroll (0: chosen per backend)
+  c.engine.dp_gather = "auto"     # auto | fixed | bucketed: DP-SGD batch rows per block
   c.engine.shard_clients = True  # split each block's clients over all local devices
   return c

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedsim import aggregation, sampling
+from fedsim import client as client_lib
 from fedsim.client import ClientData
 from fedsim.data.base import ClientArrays
 from fedsim.sharding import AXIS
@@ -184,4 +185,51 @@ def make_block_fn(client_update: Callable, *, weighting: str, chunk: int,
     return accumulate(total, params, data, valid, keys, hparams, inputs)
 
   block_fn.compiled = accumulate
+  return block_fn
+
+
+def gather_rows(kept: int, limit: int) -> int:
+  """The rows a block gathers for `kept` examples: the next size of a half-octave
+  grid (1, 2, 3, 4, 6, 8, 12, 16, 24, ...), at most `limit`.
+
+  Few sizes (each is one compilation), at most 1.5x the rows needed.
+  """
+  power = 1 << max(kept - 1, 0).bit_length()  # the next power of two >= kept
+  rows = power * 3 // 4 if power >= 4 and power * 3 // 4 >= kept else power
+  return min(rows, limit)
+
+
+def bucketed_block_fn(block_program: Callable, sampler, schedule) -> Callable:
+  """A block function that gathers each block's DP-SGD batches in as few rows as hold
+  them (`strategy.dp_gather = "bucketed"`).
+
+  The block's kept examples per local step are counted first (`client.batch_sizes`:
+  the same draws, read on the host), then the block runs `block_program(sampler with
+  gather=rows)`, compiled once per size of `gather_rows`. Only the rows change: the
+  same examples are kept, so the result equals the fixed layout's up to float
+  rounding, and the accounting is untouched.
+
+  Args:
+    block_program: `sampler -> block_fn` (`make_block_fn` over that sampler's clients).
+    sampler: the plan's `PoissonSampler` in the flat layout (`gather` = the most
+      rows any step can need).
+    schedule: the clients' `LocalSchedule`.
+  """
+  sizes = jax.jit(jax.vmap(functools.partial(client_lib.batch_sizes, sampler, schedule)))
+  programs = {}
+
+  def program_for(data: ClientData, keys) -> Callable:
+    """The block program for this block's batches (device -> host read of the sizes)."""
+    kept = int(np.max(jax.device_get(sizes(data, keys)), initial=0))
+    rows = gather_rows(kept, sampler.gather)
+    if rows not in programs:
+      programs[rows] = block_program(dataclasses.replace(sampler, gather=rows))
+    return programs[rows]
+
+  def block_fn(params, data: ClientData, valid, keys, hparams,
+               total: Optional[RoundSums] = None, inputs=None) -> RoundSums:
+    return program_for(data, keys)(params, data, valid, keys, hparams, total, inputs)
+
+  block_fn.program_for = program_for
+  block_fn.programs = programs  # gather rows -> block program
   return block_fn

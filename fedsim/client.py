@@ -40,6 +40,7 @@ class Batch(NamedTuple):
   y: jax.Array        # int32 [B] (segmentation: masks [B, H, W])
   patients: jax.Array  # int32 [B]
   mask: jax.Array     # bool [B]
+  units: jax.Array | None = None  # int32 [B] DP-SGD: unit rank in the batch (-1: none)
 
 
 class GradientFn(Protocol):
@@ -210,6 +211,34 @@ def active_steps(count, schedule: LocalSchedule):
   return schedule.epochs * (-(-count // schedule.batch_size))
 
 
+def local_keys(key: jax.Array, schedule: LocalSchedule) -> tuple[jax.Array, jax.Array]:
+  """A client's round key -> (epoch-shuffle key, per-step keys `[S]`).
+
+  Each step key splits into (draw, gradient) keys; `batch_sizes` derives the same
+  draws as `client_update` from these.
+  """
+  batch_key, step_key = jax.random.split(key)
+  steps = jax.vmap(lambda s: jax.random.fold_in(step_key, s))(jnp.arange(schedule.num_steps))
+  return batch_key, steps
+
+
+def batch_sizes(sampler: PoissonSampler, schedule: LocalSchedule, data: ClientData,
+                key: jax.Array) -> jax.Array:
+  """int32 `[S]`: the examples kept in each active local step's Poisson batch.
+
+  The same draws as `client_update` with `key` (0 for inactive steps): the engine
+  reads them to gather each step in as few rows as hold every kept example.
+  """
+  real = jnp.arange(schedule.max_examples) < data.count
+  rate = poisson_rate(data.count, schedule.batch_size)
+  active = jnp.arange(schedule.num_steps) < active_steps(data.count, schedule)
+
+  def kept(step_key):
+    draw = sampler.draw(jax.random.split(step_key)[0], data.patients, real, rate)
+    return jnp.sum(draw.mask, dtype=jnp.int32)
+  return jnp.where(active, jax.vmap(kept)(local_keys(key, schedule)[1]), 0)
+
+
 def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
                        schedule: LocalSchedule, optimizer: str,
                        mean: float, std: float,
@@ -235,11 +264,9 @@ def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
   """
 
   def client_update(global_params, data: ClientData, key, hparams):
-    batch_key, step_key = jax.random.split(key)
+    batch_key, step_keys = local_keys(key, schedule)
     opt = client_optimizer(optimizer, hparams)
     real = jnp.arange(schedule.max_examples) < data.count
-    step_keys = jax.vmap(lambda s: jax.random.fold_in(step_key, s))(
-        jnp.arange(schedule.num_steps))
     if sampler is None:
       idx, active = epoch_batches(batch_key, data.count, schedule)
     else:  # drawn inside the step; only the active flags are precomputed
@@ -251,18 +278,18 @@ def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
       """One local step -> (params, opt_state, step metrics); no-op if inactive."""
       index, is_active, k = inputs
       draw_key, grad_key = jax.random.split(k)
-      step_hparams, extra = hparams, {}
+      step_hparams, extra, units = hparams, {}, None
       if sampler is None:
         mask = real[index]
       else:
-        index, mask, truncated = sampler.draw(draw_key, data.patients, real, rate)
+        index, mask, units, truncated = sampler.draw(draw_key, data.patients, real, rate)
         step_hparams = {**hparams, "expected_units": sampler.expected_units(
             data.count, data.num_patients, rate)}
         extra["truncated_steps"] = (truncated & is_active).astype(jnp.float32)
       x = normalize(data.images[index], mean, std)
       if augment_fn is not None:
         x = augment_fn(jax.random.fold_in(k, keys.AUGMENT), x, mask & is_active)
-      batch = Batch(x, data.labels[index], data.patients[index], mask & is_active)
+      batch = Batch(x, data.labels[index], data.patients[index], mask & is_active, units)
       grad, stats = grad_fn(params, batch, grad_key, step_hparams)
       prox = jax.tree.map(lambda p, g: hparams["prox_mu"] * (p - g), params,
                           global_params)

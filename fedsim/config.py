@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from fedsim import aggregation, canaries, models, partition, server
+from fedsim import aggregation, canaries, models, partition, server, strategy
 from fedsim.client import CLIENT_OPTIMIZERS
 from privacy import adaptive_clipping, validation
 from privacy.secure_agg import protocol
@@ -100,6 +100,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0.0 <= config.server.ema_decay < 1.0, "server.ema_decay", config.server.ema_decay,
          "in [0, 1) (0: off)")
   _one_of(config, "engine.conv", CONV_CHOICES)
+  _one_of(config, "engine.dp_gather", strategy.DP_GATHERS)
   _validate_population(config)
   _validate_dp(config)
   _validate_attack(config)

@@ -30,15 +30,17 @@ def batch_groups(patients: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
-                    microbatch_size: int, patient_slots: int = 0) -> client_lib.GradientFn:
+                    microbatch_size: int, patient_slots: int = 0,
+                    patient_span: int = 0) -> client_lib.GradientFn:
   """DP-SGD step gradient: clip per unit, sum, noise, divide by expected units.
 
-  `patient_slots > 0`: the batch holds patients in slots of that many images
-  (the truncated patient sampler's layout), so a patient is a run of slots
-  (`clipping.clipped_grad_sum(unit_size=...)`, vmap or ghost); otherwise
-  patients are found by id anywhere in the batch. The step's metrics (loss,
-  accuracy) come from the clipping pass's own forward, except on the id-grouped
-  patient path, which runs one more forward for them.
+  Patients, by the sampler's layout (privacy/sampling.py): `patient_slots > 0`,
+  slots of that many images, so a patient is a run of slots
+  (`clipping.clipped_grad_sum(unit_size=...)`); `patient_span > 0`, the flat
+  layout, a patient's images adjacent (at most that many) and named by
+  `batch.units`; otherwise patients are found by id anywhere in the batch. The
+  step's metrics (loss, accuracy) come from the clipping pass's own forward,
+  except on the id-grouped path, which runs one more forward for them.
   """
 
   def per_example_loss(params, batch):
@@ -61,6 +63,15 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
           {"x": batch.x, "y": batch.y, "w": batch.mask}, batch.mask,
           clip_norm=clip_norm, method=method, microbatch_size=microbatch, has_aux=True,
           unit_size=patient_slots or 1)
+    if patient_span:
+      if batch.units is None:
+        raise ValueError("the flat patient layout needs batch.units (the sampler's Draw.unit)")
+      return clipping.clipped_grad_sum(
+          per_example_loss_and_metrics, params,
+          {"x": batch.x, "y": batch.y, "w": batch.mask}, batch.mask,
+          clip_norm=clip_norm, groups=jnp.where(batch.mask, batch.units, -1),
+          num_groups=batch.mask.shape[0], method=method, microbatch_size=microbatch,
+          has_aux=True, unit_span=patient_span)
     return clipping.clipped_grad_sum(
         per_example_loss, params, {"x": batch.x, "y": batch.y}, batch.mask,
         clip_norm=clip_norm, groups=batch_groups(batch.patients, batch.mask),

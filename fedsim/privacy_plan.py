@@ -102,10 +102,14 @@ def check_model(variables, level: str) -> None:
                      "(batch statistics mix examples); use GroupNorm")
 
 
-def make_plan(config, fed: FederatedData, apply_fn: Optional[Callable]) -> PrivacyPlan:
+def make_plan(config, fed: FederatedData, apply_fn: Optional[Callable], *,
+              flat: bool = False) -> PrivacyPlan:
   """The privacy plan of `config` for the federation `fed` (validates first).
 
   `apply_fn=None` builds a plan for accounting only (its grad_fn is unusable).
+  `flat=True`: DP-SGD batches in the sampler's flat layout (the engine then sets
+  its `gather` per block, `engine.dp_gather='bucketed'`); the same sampling and
+  DpEvent as the default layouts.
   """
   level = config.dp.level
   if level == "none":
@@ -113,7 +117,7 @@ def make_plan(config, fed: FederatedData, apply_fn: Optional[Callable]) -> Priva
                        config.server.weighting, None, plain_mean)
   if level == "client":
     return _client_level_plan(config, apply_fn)
-  return _local_plan(config, fed, apply_fn, level)
+  return _local_plan(config, fed, apply_fn, level, flat)
 
 
 def local_sampling(config, fed: FederatedData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,7 +133,7 @@ def local_sampling(config, fed: FederatedData) -> tuple[np.ndarray, np.ndarray, 
   return rates.astype(np.float64), steps.astype(np.int64), units
 
 
-def _local_plan(config, fed, apply_fn, level) -> PrivacyPlan:
+def _local_plan(config, fed, apply_fn, level, flat: bool = False) -> PrivacyPlan:
   rates, steps, units = local_sampling(config, fed)
   validation.validate_dp_params(
       noise_multiplier=config.dp.noise_multiplier, sampling_rate=float(rates.max()),
@@ -150,10 +154,14 @@ def _local_plan(config, fed, apply_fn, level) -> PrivacyPlan:
   sampler = PoissonSampler(
       unit=level, max_units=max_units if truncated else 0,
       unit_images=fed.train.max_patient_images if level == "patient" else 1)
-  slotted = level == "patient" and truncated
-  grad_fn = dp_sgd.dp_sgd_gradient(apply_fn, unit=level, method=config.dp.clipping,
-                                   microbatch_size=config.dp.microbatch_size,
-                                   patient_slots=sampler.unit_images if slotted else 0)
+  if flat:  # at most every kept unit's images (the engine gathers fewer rows)
+    sampler = dataclasses.replace(sampler, gather=sampler.batch_slots or fed.train.max_examples)
+  patient = level == "patient"
+  grad_fn = dp_sgd.dp_sgd_gradient(
+      apply_fn, unit=level, method=config.dp.clipping,
+      microbatch_size=config.dp.microbatch_size,
+      patient_slots=sampler.unit_images if patient and truncated and not flat else 0,
+      patient_span=sampler.unit_images if patient and flat else 0)
   return PrivacyPlan(level, grad_fn, sampler, config.server.weighting, None, plain_mean,
                      new_ledger=new_ledger)
 

@@ -101,14 +101,15 @@ class Setup:
     self.apply_fn = self.model.apply
     params_shape = jax.eval_shape(self.init_params, jax.random.key(0))
     privacy_plan.check_model(params_shape, config.dp.level)
-    self.plan = privacy_plan.make_plan(config, fed, self.apply_fn)
+    dp = config.dp
+    # The flat layout for per-block gather sizes; ghost clipping of patients found by
+    # id cannot slice them into microbatches (those keep the fixed layout).
+    self.flat = self.strategy.dp_gather == "bucketed" and dp.level in ("example", "patient") \
+        and not (dp.level == "patient" and dp.clipping == "ghost" and dp.microbatch_size)
+    self.plan = privacy_plan.make_plan(config, fed, self.apply_fn, flat=self.flat)
     grad_fn = self.plan.grad_fn
     if canaries is not None and canaries.kind == "gradient":
       grad_fn = canaries_lib.with_gradient_canaries(grad_fn, canaries, params_shape)
-    self.client_update = client_lib.make_client_update(
-        self.apply_fn, grad_fn, schedule=self.schedule,
-        optimizer=config.client.optimizer, mean=fed.mean, std=fed.std,
-        sampler=self.plan.sampler, augment_fn=augmentation(config.data))
     mesh = sharding.client_mesh() if self.strategy.devices > 1 else None
     self.secure_agg = None
     if config.secure_agg.enabled:
@@ -116,10 +117,23 @@ class Setup:
           config, params_shape,
           block=self.strategy.block, cohort_bound=expected_block(config),
           max_weight=float(fed.train.counts.max()) if self.plan.weighting == "examples" else 1.0)
-    self.block_fn = blocks.make_block_fn(
-        self.client_update, weighting=self.plan.weighting, chunk=self.strategy.chunk,
-        transform=self.plan.transform, mesh=mesh,
-        aggregate=self.secure_agg.aggregate if self.secure_agg else aggregation.aggregate)
+
+    def client_update(sampler):
+      return client_lib.make_client_update(
+          self.apply_fn, grad_fn, schedule=self.schedule,
+          optimizer=config.client.optimizer, mean=fed.mean, std=fed.std,
+          sampler=sampler, augment_fn=augmentation(config.data))
+
+    def block_program(sampler):
+      """The compiled block program of clients drawing with `sampler`."""
+      return blocks.make_block_fn(
+          client_update(sampler), weighting=self.plan.weighting, chunk=self.strategy.chunk,
+          transform=self.plan.transform, mesh=mesh,
+          aggregate=self.secure_agg.aggregate if self.secure_agg else aggregation.aggregate)
+
+    self.client_update = client_update(self.plan.sampler)
+    self.block_fn = (blocks.bucketed_block_fn(block_program, self.plan.sampler, self.schedule)
+                     if self.flat else block_program(self.plan.sampler))
     self.put = sharding.client_put(mesh) if mesh is not None else jax.device_put
     self.processes = sharding.ProcessBlocks(mesh, self.strategy.block) if distributed else None
     if self.processes is not None:

@@ -11,6 +11,14 @@ was 1.4-5.3x faster than chunks of 1-10 and 2.8x faster than a Python loop; at
 10,000 hospitals chunks of 1,000 scanned in one call were 1.1x faster than the full
 vmap (and bound memory). TPU takes the GPU default, unmeasured. Every choice can be
 overridden by `engine.*` config fields.
+
+DP-SGD batches (`dp_gather`): a Poisson step keeps a random number of examples, so
+a fixed-shape program computes on a gather sized for the largest step (the
+truncation cap, or every patient slot), mostly padding. On the CPU ("bucketed")
+each block's kept examples are counted first (the same draws, on the host) and the
+block runs a program gathering the next size of a half-octave grid (recompiled
+once per size: 96, 128, 192 rows cover the default run); on a GPU ("fixed") one
+program for every block keeps the device busy without host round trips.
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ import dataclasses
 import jax
 
 # backend -> (chunk: clients vmapped at once, block: clients per jitted call,
-# conv, unroll); 0 means "the whole cohort".
+# conv, unroll, dp_gather); 0 means "the whole cohort".
 DEFAULTS = {
-    "cpu": (1, 1, "xla", 0),  # unroll 0: all local steps (a rolled loop is slow)
-    "gpu": (1000, 0, "xla", 1),
-    "tpu": (1000, 0, "xla", 1),
+    "cpu": (1, 1, "xla", 0, "bucketed"),  # unroll 0: all local steps (a rolled loop is slow)
+    "gpu": (1000, 0, "xla", 1, "fixed"),
+    "tpu": (1000, 0, "xla", 1, "fixed"),
 }
+DP_GATHERS = ("auto", "fixed", "bucketed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +44,7 @@ class Strategy:
   conv: str    # "xla" | "patches"
   unroll: int  # lax.scan unroll factor for local steps
   devices: int = 1  # devices the block's client axis is split over
+  dp_gather: str = "fixed"  # "fixed" | "bucketed" (one device, one process)
 
 
 def resolve(engine_config, *, cohort_size: int, num_steps: int,
@@ -52,7 +62,7 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
       chunk whose size is a multiple of the device count.
   """
   backend = backend or jax.default_backend()
-  chunk, block, conv, unroll = DEFAULTS.get(backend, DEFAULTS["gpu"])
+  chunk, block, conv, unroll, dp_gather = DEFAULTS.get(backend, DEFAULTS["gpu"])
   cohort_size = max(1, cohort_size)
   chunk = min(engine_config.client_chunk or chunk or cohort_size, cohort_size)
   block = min(engine_config.client_block or block or cohort_size, cohort_size)
@@ -65,4 +75,11 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
     devices = jax.local_device_count() if engine_config.shard_clients else 1
   if devices > 1:  # one vmapped chunk per block, split evenly over the devices
     chunk = block = -(-max(block, devices) // devices) * devices
-  return Strategy(chunk=chunk, block=block, conv=conv, unroll=unroll, devices=devices)
+  if engine_config.dp_gather not in DP_GATHERS:
+    raise ValueError(f"engine.dp_gather={engine_config.dp_gather!r} must be one of "
+                     f"{DP_GATHERS}")
+  dp_gather = dp_gather if engine_config.dp_gather == "auto" else engine_config.dp_gather
+  if devices > 1 or jax.process_count() > 1:  # every device must run the same program
+    dp_gather = "fixed"
+  return Strategy(chunk=chunk, block=block, conv=conv, unroll=unroll, devices=devices,
+                  dp_gather=dp_gather)

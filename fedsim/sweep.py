@@ -260,7 +260,7 @@ def share_setup(setup: round_lib.Setup, config: ml_collections.ConfigDict) -> ro
     raise ValueError("share_setup: configs differ outside the traced hyperparameters")
   shared = copy.copy(setup)
   shared.config = config
-  shared.plan = privacy_plan.make_plan(config, setup.fed, setup.apply_fn)
+  shared.plan = privacy_plan.make_plan(config, setup.fed, setup.apply_fn, flat=setup.flat)
   shared.privatize, shared.update_clip_norm = shared.plan.privatize, shared.plan.update_clip_norm
   shared.hparams = round_lib.hyperparameters(config)
   return shared

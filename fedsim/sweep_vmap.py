@@ -57,6 +57,9 @@ def unsupported(setup: round_lib.Setup) -> Optional[str]:
     return "the client axis is sharded over devices"
   if setup.config.dp.target_epsilon > 0:
     return "dp.target_epsilon may stop each run at another round"
+  if setup.flat:
+    return ("DP-SGD batches are gathered at each block's own size (engine.dp_gather="
+            "'bucketed', the CPU default; 'fixed' vmaps)")
   return None
 
 

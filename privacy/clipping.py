@@ -304,14 +304,17 @@ def _microbatched(core, params, batch, extras: tuple, fills: tuple,
 
 
 def _unit_grads_vmap(loss_fn, params, batch, valid, seg, num_groups,
-                     microbatch_size):
-  """Per-patient gradient sums, leaves `[num_groups, ...]`."""
+                     microbatch_size, has_aux=False):
+  """Per-patient gradient sums, leaves `[num_groups, ...]` (and aux sums)."""
   def core(p, b, v, s):
-    grads = _per_example_grads(loss_fn, p, b)
+    grads, aux = _per_example_grads(loss_fn, p, b, has_aux), {}
+    if has_aux:
+      grads, aux = grads
+      aux = jax.tree.map(lambda a: jnp.sum(jnp.where(v, a, 0)), aux)
     return jax.tree.map(
         lambda g: jax.ops.segment_sum(
             jnp.where(v.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0), s,
-            num_groups + 1)[:num_groups], grads)
+            num_groups + 1)[:num_groups], grads), aux
   if microbatch_size is None:
     return core(params, batch, valid, seg)
   return _microbatched(core, params, batch, (valid, seg), (False, num_groups),
@@ -319,25 +322,27 @@ def _unit_grads_vmap(loss_fn, params, batch, valid, seg, num_groups,
 
 
 def _grouped(loss_fn, params, batch, valid, groups, num_groups, clip_norm,
-             method, microbatch_size):
-  """Clipped sum over patients (units = groups)."""
+             method, microbatch_size, has_aux=False, unit_span=0):
+  """Clipped sum over patients (units = groups), and the aux sums."""
   seg = jnp.where(valid, groups, num_groups).astype(jnp.int32)
   members = jax.ops.segment_sum(valid.astype(jnp.int32), seg,
                                 num_groups + 1)[:num_groups]
   unit_valid = members > 0
   if method == "vmap":
-    unit_grads = _unit_grads_vmap(loss_fn, params, batch, valid, seg,
-                                  num_groups, microbatch_size)
+    unit_grads, aux = _unit_grads_vmap(loss_fn, params, batch, valid, seg,
+                                       num_groups, microbatch_size, has_aux)
     factors, ok, counts = _clip_factors(_sq_norms(unit_grads), unit_valid,
                                         True, clip_norm)
-    return _weighted_sum(factors, ok, unit_grads), counts
-  terms = ghost.record(loss_fn, params, batch, valid, seg, num_groups)
+    return _weighted_sum(factors, ok, unit_grads), counts, aux
+  terms = ghost.record(loss_fn, params, batch, valid, seg, num_groups,
+                       unit_span=unit_span, has_aux=has_aux)
   bad = jax.ops.segment_sum((~terms.example_finite).astype(jnp.int32), seg,
                             num_groups + 1)[:num_groups]
   factors, _, counts = _clip_factors(terms.unit_sq_norms, unit_valid, bad == 0,
                                      clip_norm)
   weights = jnp.where(valid, factors[jnp.clip(seg, 0, num_groups - 1)], 0.0)
-  return terms.weighted_grad(weights), counts
+  aux = jax.tree.map(lambda a: jnp.sum(jnp.where(valid, a, 0)), terms.aux or {})
+  return terms.weighted_grad(weights), counts, aux
 
 
 def clipped_grad_sum(
@@ -353,6 +358,7 @@ def clipped_grad_sum(
     microbatch_size: int | None = None,
     has_aux: bool = False,
     unit_size: int = 1,
+    unit_span: int = 0,
 ) -> tuple[PyTree, ClipStats] | tuple[PyTree, ClipStats, PyTree]:
   """Sum over privacy units of gradients clipped to L2 norm `clip_norm`.
 
@@ -383,12 +389,15 @@ def clipped_grad_sum(
       not supported with `groups` and "ghost".
     has_aux: the loss function returns `(losses [M], aux)`, aux a dict of `[M]`
       per-example values (e.g. loss and correctness for metrics, from the same
-      forward pass); their sums over the real examples are returned too. Not
-      with `groups`.
+      forward pass); their sums over the real examples are returned too.
     unit_size: the unit is a run of `unit_size` consecutive examples (patient
       slots: M a multiple of it, the slot's unused examples masked); a unit is
       real when any of its examples is. Faster than `groups` (no id matching);
       not combinable with it.
+    unit_span: with `groups`, each unit's examples are adjacent rows, at most
+      `unit_span` of them (the flat layout of `privacy.sampling`): ghost norms
+      pair each example with its `unit_span - 1` successors only, not all `M`.
+      0: units anywhere in the batch.
 
   Returns:
     `(grad_sum, stats)`: the clipped sum (pytree like params) and ClipStats;
@@ -412,8 +421,8 @@ def clipped_grad_sum(
       not isinstance(microbatch_size, int) or microbatch_size < 1):
     raise ValueError(f"microbatch_size={microbatch_size} must be an int >= 1")
   valid = mask.astype(bool)
-  if has_aux and groups is not None:
-    raise ValueError("has_aux is not supported with groups")
+  if not isinstance(unit_span, int) or unit_span < 0 or (unit_span and groups is None):
+    raise ValueError(f"unit_span={unit_span} must be an int >= 0, and > 0 only with groups")
   if not isinstance(unit_size, int) or unit_size < 1 or m % unit_size:
     raise ValueError(f"unit_size={unit_size} must be an int >= 1 dividing M={m}")
   if unit_size > 1 and groups is not None:
@@ -435,9 +444,9 @@ def clipped_grad_sum(
 
   aux = {}
   if groups is not None:
-    total, counts = _grouped(per_example_loss_fn, params, batch, valid,
-                             groups, num_groups, clip_norm, method,
-                             microbatch_size)
+    total, counts, aux = _grouped(per_example_loss_fn, params, batch, valid,
+                                  groups, num_groups, clip_norm, method,
+                                  microbatch_size, has_aux, unit_span)
   else:
     if unit_size > 1:
       unit_core = {"vmap": _unit_core_vmap, "ghost": _unit_core_ghost}[method]

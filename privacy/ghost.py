@@ -148,16 +148,16 @@ class GhostTerms:
     return jax.tree.unflatten(self._treedef, out)
 
 
-def _explicit_is_cheaper(m: int, t: int, k: int, f: int, grouped: bool
-                         ) -> bool:
-  """Per-example `[K, F]` matrices (T K F) vs Gram (T^2 (K + F), x M grouped).
+def _explicit_is_cheaper(m: int, t: int, k: int, f: int, pairs: int) -> bool:
+  """Per-example `[K, F]` matrices (T K F) vs Gram (T^2 (K + F) per example pair).
 
-  Grouped Grams pair every two examples (only same-unit pairs count).
+  `pairs`: Gram pairs per example (1 ungrouped; M grouped by id, every two
+  examples; the span of adjacent units, an example and its successors).
   """
-  return t * k * f < t * t * (k + f) * (m if grouped else 1)
+  return t * k * f < t * t * (k + f) * pairs
 
 
-def _finalize(terms: dict, segment_ids, num_units
+def _finalize(terms: dict, segment_ids, num_units, unit_span: int = 0
               ) -> tuple[dict, jax.Array, jax.Array]:
   """Picks the cheaper form per leaf; squared norms per unit and finiteness.
 
@@ -172,7 +172,8 @@ def _finalize(terms: dict, segment_ids, num_units
     if term[0] == "tokens":
       _, a, g, to_leaf = term
       (m, t, k), f = a.shape, g.shape[-1]
-      if _explicit_is_cheaper(m, t, k, f, segment_ids is not None):
+      pairs = 1 if segment_ids is None else unit_span or m
+      if _explicit_is_cheaper(m, t, k, f, pairs):
         e = jnp.einsum("mtk,mtf->mkf", a, g,
                        precision=_HIGHEST).reshape(m, k * f)
         term = ("vec", e, lambda v, k=k, f=f, fn=to_leaf: fn(v.reshape(k, f)))
@@ -181,14 +182,20 @@ def _finalize(terms: dict, segment_ids, num_units
     total = sum(_gram_sq(t[1], t[2]) if t[0] == "tokens" else jnp.sum(t[1] * t[1], -1)
                 for t in forms.values())
     return forms, total, jnp.isfinite(total)
-  pairs = {idx: _gram_pairs(t[1], t[2]) for idx, t in forms.items() if t[0] == "tokens"}
-  own = sum(jnp.diagonal(p) for p in pairs.values()) + sum(
-      jnp.sum(t[1] * t[1], -1) for t in forms.values() if t[0] == "vec")
+  if unit_span:
+    pairs = {idx: _band_pairs(t[1], t[2], unit_span) for idx, t in forms.items()
+             if t[0] == "tokens"}
+    own = sum(p[0] for p in pairs.values())
+  else:
+    pairs = {idx: _gram_pairs(t[1], t[2]) for idx, t in forms.items() if t[0] == "tokens"}
+    own = sum(jnp.diagonal(p) for p in pairs.values())
+  own = own + sum(jnp.sum(t[1] * t[1], -1) for t in forms.values() if t[0] == "vec")
   finite = jnp.isfinite(own)
+  unit_pair_sum = _band_unit_sum if unit_span else _unit_pair_sum
   total = 0.0
   for idx, term in forms.items():
     if term[0] == "tokens":
-      total = total + _unit_pair_sum(pairs[idx], finite, segment_ids, num_units)
+      total = total + unit_pair_sum(pairs[idx], finite, segment_ids, num_units)
     else:
       v = jnp.where(finite[:, None], term[1], 0)
       v = jax.ops.segment_sum(v, segment_ids, num_units + 1)[:num_units]
@@ -208,6 +215,32 @@ def _gram_pairs(a: jax.Array, g: jax.Array) -> jax.Array:
   aa = jnp.einsum("itk,jsk->ijts", a, a, precision=_HIGHEST)
   gg = jnp.einsum("itf,jsf->ijts", g, g, precision=_HIGHEST)
   return jnp.sum(aa * gg, axis=(2, 3))
+
+
+def _shift(x: jax.Array, d: int) -> jax.Array:
+  """`x[i + d]` at row i, zeros past the end."""
+  return jnp.pad(x[d:], [(0, d)] + [(0, 0)] * (x.ndim - 1))
+
+
+def _band_pairs(a: jax.Array, g: jax.Array, span: int) -> jax.Array:
+  """`[span, M]`: row d holds `<grad_i, grad_{i+d}>` (0 past the end)."""
+  rows = []
+  for d in range(span):
+    aa = jnp.einsum("mtk,msk->mts", a, _shift(a, d), precision=_HIGHEST)
+    gg = jnp.einsum("mtf,msf->mts", g, _shift(g, d), precision=_HIGHEST)
+    rows.append(jnp.sum(aa * gg, axis=(1, 2)))
+  return jnp.stack(rows)
+
+
+def _band_unit_sum(band: jax.Array, finite: jax.Array, segment_ids, num_units
+                   ) -> jax.Array:
+  """Per-unit squared norms from banded pairs of adjacent examples of one unit."""
+  span = band.shape[0]
+  ok = jnp.stack([finite & _shift(finite, d) & (segment_ids == _shift(segment_ids, d))
+                  for d in range(span)])
+  weight = jnp.where(jnp.arange(span) == 0, 1.0, 2.0)[:, None]  # i<j pairs count twice
+  per_example = jnp.sum(jnp.where(ok, band * weight, 0), axis=0)
+  return jax.ops.segment_sum(per_example, segment_ids, num_units + 1)[:num_units]
 
 
 def _unit_pair_sum(pair: jax.Array, finite: jax.Array, segment_ids, num_units
@@ -236,7 +269,7 @@ def _to_units(term: tuple, unit_size: int) -> tuple:
 def record(loss_fn: LossFn, params: PyTree, batch: PyTree, valid: jax.Array,
            segment_ids: jax.Array | None = None,
            num_units: int | None = None, *, unit_size: int = 1,
-           has_aux: bool = False) -> GhostTerms:
+           unit_span: int = 0, has_aux: bool = False) -> GhostTerms:
   """One forward and one activation-only backward pass, book-kept per layer.
 
   Args:
@@ -251,6 +284,8 @@ def record(loss_fn: LossFn, params: PyTree, batch: PyTree, valid: jax.Array,
     unit_size: units are consecutive runs of this many examples (patient
       slots; `M` a multiple of it): norms, finiteness and the weighted sum are
       per unit, as cheap as per example. Not with `segment_ids`.
+    unit_span: with `segment_ids`, a unit's examples are adjacent, at most this
+      many: Gram pairs are taken within that band only (0: all pairs).
     has_aux: keep the loss function's aux (e.g. metrics from this forward pass)
       as `GhostTerms.aux`.
 
@@ -288,7 +323,7 @@ def record(loss_fn: LossFn, params: PyTree, batch: PyTree, valid: jax.Array,
   terms = ghost_layers.layer_terms(calls, inputs, gouts, leaves)
   if unit_size > 1:
     terms = {idx: _to_units(term, unit_size) for idx, term in terms.items()}
-  terms, sq_norms, finite = _finalize(terms, segment_ids, num_units)
+  terms, sq_norms, finite = _finalize(terms, segment_ids, num_units, unit_span)
   return GhostTerms(leaves, treedef, terms, finite, sq_norms, aux)
 
 

@@ -22,8 +22,10 @@ def client_lib_data(arrays):
   return blocks.client_data(arrays)
 
 
-def test_patient_slots_clip_the_same_patients_as_ids(patient_setup):
-  """The slotted layout (truncated sampler) and the id-grouped one agree, sigma = 0."""
+@pytest.mark.parametrize("method", ["vmap", "ghost"])
+def test_patient_layouts_clip_the_same_patients(patient_setup, method):
+  """Slots (truncated sampler), the flat layout (units adjacent, named by rank) and
+  patients found by id agree, sigma = 0."""
   setup = patient_setup
   params = setup.init_params(jax.random.key(0))
   rng = np.random.default_rng(1)
@@ -31,20 +33,25 @@ def test_patient_slots_clip_the_same_patients_as_ids(patient_setup):
   mask = jnp.array([True, True, True, False, True, True])
   batch = client_lib.Batch(jnp.asarray(rng.normal(size=(6, 12, 12, 1)), jnp.float32),
                            jnp.asarray(rng.integers(0, 3, 6), jnp.int32),
-                           jnp.array([7, 7, 2, -1, 5, 5], jnp.int32), mask)
+                           jnp.array([7, 7, 2, -1, 5, 5], jnp.int32), mask,
+                           jnp.array([0, 0, 1, -1, 2, 2], jnp.int32))
   hparams = {**setup.hparams, "noise_multiplier": jnp.float32(0.0),
              "clip_norm": jnp.float32(0.01), "expected_units": jnp.float32(3.0)}
   grads, metrics = [], []
-  for patient_slots in (per, 0):
-    grad_fn = dp_sgd.dp_sgd_gradient(setup.apply_fn, unit="patient", method="vmap",
-                                           microbatch_size=0, patient_slots=patient_slots)
+  for slots_or_span in ((per, 0), (0, per), (0, 0)):
+    grad_fn = dp_sgd.dp_sgd_gradient(setup.apply_fn, unit="patient", method=method,
+                                     microbatch_size=0, patient_slots=slots_or_span[0],
+                                     patient_span=slots_or_span[1])
     grad, stats = jax.jit(grad_fn)(params, batch, jax.random.key(0), hparams)
     assert float(stats["num_units"]) == slots and float(stats["num_clipped"]) == slots
     grads.append(grad)
     metrics.append((float(stats["loss_sum"]), float(stats["correct"])))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), *grads)
-  # Slots take the metrics from the gradient's forward pass; ids run a separate one.
+  for other in grads[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 grads[0], other)
+  # Slots and units take the metrics from the gradient's forward pass; ids run another.
   np.testing.assert_allclose(metrics[0], metrics[1], rtol=1e-5)
+  np.testing.assert_allclose(metrics[0], metrics[2], rtol=1e-5)
   assert metrics[0][0] > 0
 
 
@@ -70,7 +77,8 @@ def test_empty_draw_adds_noise_and_divides_by_the_expected_units(patient_setup):
   params = setup.init_params(jax.random.key(0))
   b = 8
   batch = client_lib.Batch(jnp.zeros((b, 12, 12, 1)), jnp.zeros(b, jnp.int32),
-                           jnp.arange(b, dtype=jnp.int32), jnp.zeros(b, bool))
+                           jnp.arange(b, dtype=jnp.int32), jnp.zeros(b, bool),
+                           jnp.full(b, -1, jnp.int32))
   hparams = {**setup.hparams, "expected_units": jnp.float32(4.0)}
   grad, stats = jax.jit(setup.plan.grad_fn)(params, batch, jax.random.key(3), hparams)
   leaves = jax.tree.leaves(grad)
@@ -89,7 +97,8 @@ def test_divisor_is_public_not_the_realised_count(patient_setup):
   b = 8
   batch = client_lib.Batch(jnp.asarray(rng.normal(size=(b, 12, 12, 1)), jnp.float32),
                            jnp.asarray(rng.integers(0, 3, b), jnp.int32),
-                           jnp.arange(b, dtype=jnp.int32), jnp.arange(b) < 2)
+                           jnp.arange(b, dtype=jnp.int32), jnp.arange(b) < 2,
+                           jnp.where(jnp.arange(b) < 2, jnp.arange(b), -1))
   no_noise = {**setup.hparams, "noise_multiplier": jnp.float32(0.0)}
   grad_fn = jax.jit(setup.plan.grad_fn)
   g4, _ = grad_fn(params, batch, jax.random.key(0),

@@ -66,6 +66,8 @@ def _clipped(conv: str, method: str, grouped: bool = False,
 
 @functools.cache  # one compilation per variant for the whole module
 def _clipped_cached(conv, method, grouped, microbatch_size):
+  """`grouped`: False, True (patients by id) or "span" (GROUPS' runs are adjacent,
+  at most 3 images: the flat layout's banded Gram pairs)."""
   loss_fn = _loss_fn(_setup(conv)[0])
 
   def fn(params, batch, mask, groups, clip_norm):
@@ -73,7 +75,7 @@ def _clipped_cached(conv, method, grouped, microbatch_size):
         loss_fn, params, batch, mask, clip_norm=clip_norm,
         groups=groups if grouped else None,
         num_groups=NUM_GROUPS if grouped else None, method=method,
-        microbatch_size=microbatch_size)
+        microbatch_size=microbatch_size, unit_span=3 if grouped == "span" else 0)
   return jax.jit(fn)
 
 
@@ -134,7 +136,7 @@ def _assert_trees_close(a, b, rtol=1e-4, atol=1e-6):
 
 
 @pytest.mark.parametrize("method", ["vmap", "ghost"])
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("grouped", [False, True, "span"])
 def test_matches_python_loop_reference(method, grouped):
   groups = GROUPS if grouped else None
   clip = _median_clip("patches", groups)
@@ -162,7 +164,7 @@ def test_each_clipped_unit_norm_at_most_clip_norm(method):
 
 
 @pytest.mark.parametrize("conv,grouped", [("xla", False), ("patches", False),
-                                          ("patches", True)])
+                                          ("patches", True), ("patches", "span")])
 def test_ghost_equals_vmap(conv, grouped):
   _, params, batch = _setup(conv)
   clip = _median_clip(conv, GROUPS if grouped else None)
@@ -179,7 +181,7 @@ def test_ghost_equals_vmap(conv, grouped):
 
 
 @pytest.mark.parametrize("method", ["vmap", "ghost"])
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("grouped", [False, True, "span"])
 def test_masked_examples_have_no_effect(method, grouped):
   _, params, batch = _setup("patches")
   fn = _clipped("patches", method, grouped)
@@ -220,7 +222,7 @@ def test_patient_is_clipped_not_the_image(method):
 
 
 @pytest.mark.parametrize("method", ["vmap", "ghost"])
-@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("grouped", [False, True, "span"])
 def test_nonfinite_unit_is_zeroed_and_counted(method, grouped):
   _, params, batch = _setup("patches")
   fn = _clipped("patches", method, grouped)
