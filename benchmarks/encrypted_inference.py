@@ -2,16 +2,18 @@
 
   python -m benchmarks.encrypted_inference            # the default rows (below)
   python -m benchmarks.encrypted_inference --rows=cnn_tanh:28:256:64,cnn_tanh:28:256:8
+  python -m benchmarks.encrypted_inference --linear=limbs   # the GPU's linear layers, on any device
 
-Each row is MODEL:PX:IMAGES[:BATCH] (BATCH defaults to min(IMAGES, 16)): the protocol
+Each row is MODEL:PX:IMAGES[:BATCH] (BATCH defaults to min(IMAGES, 64)): the protocol
 (privacy/encrypted_inference) runs MODEL (fedsim/models.py; its initial weights: the
 cost does not depend on the values) on IMAGES random PX x PX x 1 images, BATCH images
 per protocol call, after one compilation (reported apart). Per image: offline (dealer)
 and online seconds, online bytes (both parties) and offline bytes (what the dealer
 sends party 1), and the rounds of one call. Default rows: the small CNNs at 28 px
-(64 images) and 64 px (16), ResNet-18 at 224 px (1 image: ~1.5 GB of dealer material,
-several minutes on a 2-core CPU). Writes benchmarks/results/encrypted_inference_
-<backend>.json (--out to override), with the device, the load average and versions.
+(256 images, batch 64) and 64 px (64, batch 16), ResNet-18 at 224 px (1 image: its
+compilation took 24 minutes on a 2-core CPU). --linear: how linear layers are computed
+(network.use_limbs). Writes benchmarks/results/encrypted_inference_<backend>.json (--out
+to override), with the device, the load average and versions.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from fedsim import io, models
 from privacy.encrypted_inference import network, service
 
-DEFAULT_ROWS = ("cnn:28:64,cnn_tanh:28:64,cnn:64:16,cnn_tanh:64:16,resnet18:224:1")
+DEFAULT_ROWS = "cnn:28:256:64,cnn_tanh:28:256:64,cnn:64:64:16,cnn_tanh:64:64:16,resnet18:224:1"
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -36,6 +38,8 @@ def _parse(argv=None) -> argparse.Namespace:
                  help="comma-separated MODEL:PX:IMAGES[:BATCH] (default: %(default)s)")
   p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/"
                  "encrypted_inference_<backend>.json)")
+  p.add_argument("--linear", default="auto", choices=network.LINEAR,
+                 help="linear layers: auto | limbs | uint64 (default: %(default)s)")
   return p.parse_args(argv)
 
 
@@ -48,18 +52,20 @@ def parse_rows(text: str) -> list[tuple[str, int, int, int]]:
       raise ValueError(f"--rows entry {row!r} must be MODEL:PX:IMAGES[:BATCH]")
     network.check_model(parts[0])
     px, images = int(parts[1]), int(parts[2])
-    rows.append((parts[0], px, images, int(parts[3]) if len(parts) == 4 else min(images, 16)))
+    rows.append((parts[0], px, images, int(parts[3]) if len(parts) == 4 else min(images, 64)))
   return rows
 
 
-def measure(model_name: str, size: int, *, images: int, batch_size: int) -> dict:
+def measure(model_name: str, size: int, *, images: int, batch_size: int,
+            linear: str = "auto") -> dict:
   """One row: seconds and bytes per image of `model_name` on `size` px images."""
   x = np.random.default_rng(0).normal(0, 1, (images, size, size, 1)).astype(np.float32)
   params = models.make_model(model_name, num_classes=3).init(jax.random.key(0), x[:1])
   enc = service.encrypted_predict(model_name, params, x, batch_size=batch_size,
-                                  reveal="logits")
+                                  reveal="logits", linear=linear)
   counts, batch = enc["batch_counts"], enc["batch_size"]
   return {"model": model_name, "image_size": size, "images": images, "batch_size": batch,
+          "linear": linear,
           "offline_seconds_per_image": enc["offline_seconds"] / images,
           "online_seconds_per_image": enc["online_seconds"] / images,
           "seconds_per_image": (enc["offline_seconds"] + enc["online_seconds"]) / images,
@@ -73,7 +79,7 @@ def main(argv=None) -> dict:
   args = _parse(argv)
   rows = []
   for model_name, size, images, batch in parse_rows(args.rows):
-    row = measure(model_name, size, images=images, batch_size=batch)
+    row = measure(model_name, size, images=images, batch_size=batch, linear=args.linear)
     row["load_average"] = os.getloadavg()[0]
     rows.append(row)
     print(f"{model_name:9s} {size:4d} px  batch {row['batch_size']:3d}  "

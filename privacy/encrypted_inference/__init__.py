@@ -4,9 +4,9 @@ Two computing parties (party 0: the hospital that holds the image, party 1: the
 model owner that holds the weights) and a dealer of correlated randomness, emulated
 in one process with real ring arithmetic (docs/encrypted_inference.md):
 
-  ring.py      fixed point in Z_2^64, sharing, local truncation
+  ring.py      fixed point in Z_2^64, sharing, local truncation, float64 limb products
   channels.py  every message counted (online bytes and rounds, dealer bytes)
-  dealer.py    Beaver triples, binary AND triples, doubly shared bits
+  dealer.py    Beaver triples, binary AND triples, doubly shared bits, from two seeds
   protocol.py  linear layers, multiplication, comparison, ReLU, tanh, pooling, argmax
   group_norm.py  GroupNorm: group statistics and a secure inverse square root
   network.py   a trained model's params shared, its secure forward (small CNNs, ResNet-18)

@@ -4,10 +4,10 @@ The parties run in one process, so nothing is sent; instead each protocol step
 declares what it would send. Online messages go between the two parties: an
 `exchange` (both send at once, one round) or a `send` (one way, one round).
 Dealer messages (offline: they depend on no input and can be sent before the
-image exists) go to the parties; party 0's material is expanded from a 16-byte
-seed it shares with the dealer, so only party 1's material is counted, plus the
-seed. Shapes are static under jit, so counts are exact Python integers taken
-while the protocol is traced.
+image exists) go to the parties; each party expands its random material from a
+16-byte seed it shares with the dealer, so only the corrections the dealer sends
+party 1 are counted (dealer.py), plus the two seeds. Shapes are static under jit, so
+counts are exact Python integers taken while the protocol is traced.
 
 Steps that do not depend on each other run in `parallel`: their bytes add up and
 their rounds overlap (the maximum counts).
@@ -45,7 +45,7 @@ class Channel:
     self._online(nbytes, step)
 
   def deal(self, nbytes: int) -> None:
-    """The dealer sends party 1 `nbytes` of correlated randomness (offline)."""
+    """The dealer sends party 1 `nbytes` of corrections (offline)."""
     self.offline_bytes += nbytes
 
   def parallel(self, *steps: Callable[["Channel"], object]) -> list:
@@ -63,9 +63,9 @@ class Channel:
     return results
 
   def totals(self) -> dict:
-    """The counts as a JSON-ready dict (dealer seed included)."""
+    """The counts as a JSON-ready dict (the dealer's two seeds included)."""
     return {"online_bytes": self.online_bytes, "rounds": self.rounds,
-            "offline_bytes": self.offline_bytes + SEED_BYTES,
+            "offline_bytes": self.offline_bytes + 2 * SEED_BYTES,
             "online_bytes_by_step": dict(self.by_step)}
 
   def _online(self, nbytes: int, step: str) -> None:

@@ -4,17 +4,24 @@ The dealer sees neither the image nor the weights. It hands out
 - a mask B per linear layer, once per model (setup): the parties open W - B,
   and per image a pair (A, C = A (x) B) shaped like the layer's input and output
   (a Beaver triple whose weight side is fixed, so W - B is opened only once);
-- Beaver triples (a, b, a * b) for elementwise products;
-- AND triples (u, v, u & v) of 8- to 64-bit words, XOR-shared, for the comparison's adder;
+- Beaver triples (a, b, a * b) for elementwise products, pairs (a, a^2) for squares;
+- AND triples (u, v, u & v) of 8- to 64-bit words, XOR-shared, for the comparison's adder
+  (for an AND of the parties' private inputs, u is party 0's alone and v party 1's);
 - doubly shared bits (the same random bit XOR-shared and additively shared), to turn
   a comparison's bit into a ring element.
+
+Seed compression (CrypTen's trusted third party): the dealer shares a seed with each
+party, and both expand their random shares from it (A_j, a_j, b_j, u_j, v_j, a dabit's
+XOR share, and party 0's share of each computed value); the dealer sends party 1 only
+the correction of each value it computes (C, c = a b, w = u & v, the bit's ring share).
 
 The protocol asks for material through a dealer object: a `Recorder` lists the
 requests while the protocol is traced (and counts their bytes), `generate` makes
 the material of such a list (jitted, timed as the offline phase), and `Replay`
-hands it to the online phase in the same order. The words come from one draw of
-XLA's RngBitGenerator (`rbg` keys, 2.3x threefry's rate on the CPU; neither is a
-cryptographic generator, docs/encrypted_inference.md).
+hands it to the online phase in the same order. Each request's words come from XLA's
+RngBitGenerator (`rbg` keys, 2.3x threefry's rate on the CPU), one draw per party, keyed
+by fold_in(fold_in(seed, party), request index), small requests sharing one draw
+(OWN_DRAW_WORDS; docs/encrypted_inference.md says what the generator means for security).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ Op = Callable[[jax.Array, jax.Array], jax.Array]  # ring-bilinear map (conv or m
 
 
 class Request(NamedTuple):
-  kind: str         # "linear" | "triple" | "and" | "dabit"
+  kind: str         # "linear" | "triple" | "square" | "and" | "and_private" | "dabit"
   shape: tuple      # input shape (linear: A's shape)
   layer: str = ""   # linear: the layer whose mask B is used
   op: Op = None     # linear: the layer's bilinear map
@@ -50,73 +57,103 @@ def make_masks(key: jax.Array, weight_shapes: dict) -> dict:
   return {name: w.reshape(weight_shapes[name]) for name, w in zip(names, words)}
 
 
-def _words(request: Request, out_shape: tuple) -> int:
-  """Uniform 64-bit words the material of `request` takes (values and share masks)."""
-  n = _size(request.shape)
-  return {"linear": 2 * n + _size(out_shape), "triple": 5 * n,
-          "and": 5 * -(-n * request.bits // 64), "dabit": 2 * -(-n // 8) + n}[request.kind]
+def _words(request: Request, out_shape: tuple) -> tuple[int, int]:
+  """Uniform 64-bit words of the material of `request`, from party 0's and party 1's seed."""
+  n, out = _size(request.shape), _size(out_shape)
+  narrow = -(-n * request.bits // 64)
+  return {"linear": (n + out, n), "triple": (3 * n, 2 * n), "square": (2 * n, n),
+          "and": (3 * narrow, 2 * narrow), "and_private": (2 * narrow, narrow),
+          "dabit": (-(-n // 8) + n, -(-n // 8))}[request.kind]
 
 
-class _Stream:
-  """Consecutive slices of one draw of uniform words (one PRNG call for everything)."""
+class _Streams:
+  """Consecutive slices of party 0's and party 1's seeded words for one request.
 
-  def __init__(self, words: jax.Array):
-    self.words, self.at = words, 0
+  A random shared value (A, a Beaver factor, an AND factor, a dabit's bit) is one draw
+  from each party's words; a share of a value the dealer computes is party 0's draw and
+  party 1's correction, value - share_0 (or value ^ share_0): the only material sent.
+  """
 
-  def take(self, shape, bits: int = 64) -> jax.Array:
-    """Uniform `bits`-bit words `shape` (narrow words are cut from whole 64-bit ones)."""
+  def __init__(self, words0: jax.Array, words1: jax.Array):
+    self.words, self.at = (words0, words1), [0, 0]
+
+  def take(self, party: int, shape, bits: int = 64) -> jax.Array:
+    """Uniform `bits`-bit words `shape` of `party` (narrow words cut from 64-bit ones)."""
     n = _size(shape)
     words = -(-n * bits // 64)
-    out = self.words[self.at:self.at + words]
-    self.at += words
+    out = self.words[party][self.at[party]:self.at[party] + words]
+    self.at[party] += words
     if bits < 64:
       out = jax.lax.bitcast_convert_type(out, UINT[bits]).reshape(-1)[:n]
     return out.reshape(shape)
 
-  def share(self, value: jax.Array) -> jax.Array:
-    """Additive shares `[2, ...]`: (value - r, r)."""
-    r = self.take(value.shape)
-    return jnp.stack([value - r, r])
+  def random(self, shape, bits: int = 64) -> jax.Array:
+    """Shares `[2, ...]` of a uniform value: one seeded draw per party."""
+    return jnp.stack([self.take(0, shape, bits), self.take(1, shape, bits)])
 
-  def xor_share(self, value: jax.Array, bits: int = 64) -> jax.Array:
-    """XOR shares `[2, ...]`: (value ^ r, r)."""
-    r = self.take(value.shape, bits)
-    return jnp.stack([value ^ r, r])
+  def share(self, value: jax.Array, xor: bool = False) -> jax.Array:
+    """Shares `[2, ...]` of `value`: party 0's seeded draw, party 1's correction."""
+    r = self.take(0, value.shape, value.dtype.itemsize * 8)
+    return jnp.stack([r, value ^ r if xor else value - r])
 
 
 def _material(request: Request, out_shape: tuple, mask: jax.Array | None,
-               words: jax.Array) -> tuple:
-  """The material of one request from its uniform `words`."""
-  shape, rand = request.shape, _Stream(words)
+              words0: jax.Array, words1: jax.Array) -> tuple:
+  """The material of one request from the parties' seeded words."""
+  shape, rand = request.shape, _Streams(words0, words1)
   if request.kind == "linear":
-    a = rand.take(shape)
-    return rand.share(a), rand.share(request.op(a, mask))
+    a = rand.random(shape)
+    return a, rand.share(request.op(ring.reconstruct(a), mask))
   if request.kind == "triple":
-    a, b = rand.take(shape), rand.take(shape)
-    return rand.share(a), rand.share(b), rand.share(a * b)
+    a, b = rand.random(shape), rand.random(shape)
+    return a, b, rand.share(ring.reconstruct(a) * ring.reconstruct(b))
+  if request.kind == "square":
+    a = rand.random(shape)
+    return a, rand.share(ring.reconstruct(a) * ring.reconstruct(a))
   if request.kind == "and":
-    bits = request.bits
-    u, v = rand.take(shape, bits), rand.take(shape, bits)
-    return tuple(rand.xor_share(t, bits) for t in (u, v, u & v))
+    u, v = rand.random(shape, request.bits), rand.random(shape, request.bits)
+    return u, v, rand.share((u[0] ^ u[1]) & (v[0] ^ v[1]), xor=True)
+  if request.kind == "and_private":  # u party 0's alone, v party 1's alone
+    u, v = rand.take(0, shape, request.bits), rand.take(1, shape, request.bits)
+    return u, v, rand.share(u & v, xor=True)
   one = np.uint8(1)  # "dabit": a random bit, XOR-shared (bytes) and additively shared
-  bit = rand.take(shape, 8) & one
-  return rand.xor_share(bit, 8) & one, rand.share(bit.astype(ring.DTYPE))
+  bits = rand.random(shape, 8) & one
+  return bits, rand.share((bits[0] ^ bits[1]).astype(ring.DTYPE))
+
+
+def party_words(key: jax.Array, party: int, index: int, n: int) -> jax.Array:
+  """`n` uniform words of request `index`, expanded from the seed the dealer shares with
+  `party` (an rbg key per request, derived from the party's seed by fold_in)."""
+  seed = jax.random.bits(jax.random.fold_in(jax.random.fold_in(key, party), index), (4,),
+                         jnp.uint32)
+  return ring.random_ring(jax.random.wrap_key_data(seed, impl="rbg"), (n,))
 
 
 # Op by op (not under an outer jit), one compilation per request shape.
 _material_jit = jax.jit(_material, static_argnums=(0, 1))
+
+# A request of at least this many words gets its own draw per party: slicing one draw for
+# everything made the offline phase 1.5x slower (cnn_tanh, batch 64); the small requests
+# share one draw (each draw is a compiled RNG op: compilation time).
+OWN_DRAW_WORDS = 1 << 16
 
 
 def generate(requests: list[tuple[Request, tuple]], masks: dict, key: jax.Array, *,
              op_by_op: bool = False) -> list[tuple]:
   """The material of `requests` ((request, output shape) pairs), in order."""
   material = _material_jit if op_by_op else _material
-  sizes = [_words(r, out) for r, out in requests]
-  rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
-  words = ring.random_ring(rbg, (sum(sizes),))
-  starts = np.cumsum([0, *sizes[:-1]])
-  return [material(r, out, masks.get(r.layer), jax.lax.dynamic_slice_in_dim(words, at, n))
-          for (r, out), at, n in zip(requests, starts, sizes)]
+  sizes = [_words(r, shape) for r, shape in requests]
+  small = [size for size in sizes if sum(size) < OWN_DRAW_WORDS]
+  shared = [party_words(key, j, len(requests), sum(size[j] for size in small)) for j in (0, 1)]
+  at, out = [0, 0], []
+  for i, ((r, shape), size) in enumerate(zip(requests, sizes)):
+    if sum(size) >= OWN_DRAW_WORDS:
+      words = [party_words(key, j, i, size[j]) for j in (0, 1)]
+    else:
+      words = [shared[j][at[j]:at[j] + size[j]] for j in (0, 1)]
+      at = [at[j] + size[j] for j in (0, 1)]
+    out.append(material(r, shape, masks.get(r.layer), *words))
+  return out
 
 
 class Recorder:
@@ -130,16 +167,24 @@ class Recorder:
     self.requests.append((request, out_shape))
     n = _size(request.shape)
     zeros = lambda shape: jnp.zeros((2, *shape), ring.DTYPE)
+    # Sent: party 1's correction of the one value the dealer computes (C, c, w, the bit's
+    # ring share); everything else both parties expand from their seeds.
     if request.kind == "linear":
-      self.channel.deal(channels.ring_bytes(n + _size(out_shape)))
+      self.channel.deal(channels.ring_bytes(_size(out_shape)))
       return zeros(request.shape), zeros(out_shape)
     if request.kind == "dabit":
-      self.channel.deal(channels.ring_bytes(n, 1) + channels.ring_bytes(n))
+      self.channel.deal(channels.ring_bytes(n))
       return jnp.zeros((2, *request.shape), jnp.uint8), zeros(request.shape)
-    if request.kind == "and":
-      self.channel.deal(channels.ring_bytes(3 * n, request.bits))
-      return tuple(jnp.zeros((2, *request.shape), UINT[request.bits]) for _ in range(3))
-    self.channel.deal(channels.ring_bytes(3 * n))
+    if request.kind in ("and", "and_private"):
+      self.channel.deal(channels.ring_bytes(n, request.bits))
+      shares = jnp.zeros((2, *request.shape), UINT[request.bits])
+      if request.kind == "and":
+        return shares, shares, shares
+      return shares[0], shares[1], shares
+    if request.kind == "square":
+      self.channel.deal(channels.ring_bytes(n))
+      return zeros(request.shape), zeros(request.shape)
+    self.channel.deal(channels.ring_bytes(n))
     return tuple(zeros(request.shape) for _ in range(3))
 
 

@@ -40,23 +40,35 @@ def check_model(name: str) -> None:
   check(name in SUPPORTED, "model", name, f"one of {list(SUPPORTED)} for encrypted inference")
 
 
+LINEAR = ("auto", "limbs", "uint64")
+
+
+def check_linear(linear: str) -> None:
+  """Refuses an unknown way to compute linear layers (one ValueError line)."""
+  check(linear in LINEAR, "linear", linear, f"one of {list(LINEAR)}")
+
+
+def use_limbs(linear: str, kind: str) -> bool:
+  """Whether a "conv" or "dense" layer runs on float64 limbs (ring.bilinear) or natively
+  on uint64. "auto": limbs for dense layers (faster than XLA:CPU's uint64 matmul) and, off
+  the CPU, for convolutions too (XLA:GPU has no uint64 convolution); native uint64
+  convolutions on the CPU (2.8-14x faster there than the 10 limb products)."""
+  if linear == "auto":
+    return kind == "dense" or jax.default_backend() != "cpu"
+  return linear == "limbs"
+
+
 @functools.lru_cache(maxsize=None)
-def conv_op(stride: int) -> Callable:
-  """SAME convolution with `stride` (one function object per stride: a static jit arg)."""
-
-  def conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  return conv
-
-
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  return x @ w
-
-
-def _op(kernel, stride: int = 1) -> Callable:
-  return conv_op(stride) if kernel.ndim == 4 else _matmul
+def linear_op(kind: str, stride: int = 1, limbs: bool = False) -> Callable:
+  """The ring-bilinear map of a layer: a SAME convolution with `stride` ("conv", NHWC x
+  HWIO) or a matmul ("dense"), on uint64 or on float64 limbs. One function object per
+  argument tuple (a static jit argument)."""
+  if kind == "conv":
+    op = lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  else:
+    op = lambda x, w: x @ w
+  return functools.partial(ring.bilinear, op) if limbs else op
 
 
 def layers(params) -> dict:
@@ -77,7 +89,8 @@ def layers(params) -> dict:
 
 def setup(ch: channels.Channel, params, key: jax.Array) -> tuple[dict, dict]:
   """Shares the model (the owner sends party 0 its share of every parameter), the
-  dealer's masks B (offline), and opens F = W - B once. Returns (model, masks)."""
+  dealer's masks B (each party's share from its seed), and opens F = W - B once.
+  Returns (model, masks)."""
   all_layers = layers(params)
   linear = {name: layer for name, layer in all_layers.items() if "kernel" in layer}
   masks = dealer_lib.make_masks(jax.random.fold_in(key, 0),
@@ -85,8 +98,7 @@ def setup(ch: channels.Channel, params, key: jax.Array) -> tuple[dict, dict]:
   for layer in all_layers.values():
     ch.send(channels.ring_bytes(sum(layer[k].size for k in ("kernel", "bias", "scale")
                                     if k in layer)), "share_model")
-    if "kernel" in layer:
-      ch.deal(channels.ring_bytes(layer["kernel"].size))
+    if "kernel" in layer:  # B's shares are expanded from the seeds: nothing dealt
       ch.exchange(channels.ring_bytes(layer["kernel"].size), "open_masked_weights")
   return _share_model(key, all_layers, masks), masks
 
@@ -118,18 +130,20 @@ def _share(value: jax.Array, words: jax.Array) -> jax.Array:
   return jnp.stack([value - r, r])
 
 
-def _linear(ch, dealer, model, name, x, stride=1):
+def _linear(ch, dealer, model, name, x, linear, stride=1):
   m = model[name]
-  return protocol.linear(ch, dealer, x, m["w"], m["f"], m["b"], _op(m["w"][0], stride), name)
+  kind = "conv" if m["w"].ndim == 5 else "dense"
+  op = linear_op(kind, stride, use_limbs(linear, kind))
+  return protocol.linear(ch, dealer, x, m["w"], m["f"], m["b"], op, name)
 
 
-def sequential(steps: tuple) -> Callable:
+def sequential(steps: tuple, linear: str = "auto") -> Callable:
   """The secure forward of a chain of layers: `fn(ch, dealer, model, x) -> logits`."""
 
   def forward(ch, dealer, model, x):
     for step in steps:
       if step in model:
-        x = _linear(ch, dealer, model, step, x)
+        x = _linear(ch, dealer, model, step, x, linear)
       elif step == "relu":
         x = protocol.relu(ch, dealer, x)
       elif step == "tanh":
@@ -147,34 +161,38 @@ def sequential(steps: tuple) -> Callable:
   return forward
 
 
-def resnet18(ch, dealer, model, x, groups: int = RESNET_GROUPS):
+def resnet18(ch, dealer, model, x, groups: int = RESNET_GROUPS, linear: str = "auto"):
   """fedsim.models.ResNet18 on shares: the stem (3x3, or 7x7 / 2 and a 3x3 / 2 max pool
   above 64 px), 4 stages of 2 basic blocks (conv, GroupNorm, ReLU; a 1x1 projection
   where the shape changes), global mean, head."""
   norm = lambda name, v: group_norm.group_norm(ch, dealer, v, model[name]["scale"],
                                                model[name]["b"], groups)
   small = x.shape[2] <= 64
-  x = protocol.relu(ch, dealer, norm("stem_norm", _linear(ch, dealer, model, "stem", x,
-                                                          1 if small else 2)))
+  lin = lambda name, v, stride=1: _linear(ch, dealer, model, name, v, linear, stride)
+  x = protocol.relu(ch, dealer, norm("stem_norm", lin("stem", x, 1 if small else 2)))
   if not small:
     x = protocol.max_pool(ch, dealer, x)
   for stage in range(4):
     for block in range(2):
       name = f"stage{stage + 1}_block{block + 1}"
       stride = 2 if stage > 0 and block == 0 else 1
-      y = _linear(ch, dealer, model, f"{name}/conv1", x, stride)
+      y = lin(f"{name}/conv1", x, stride)
       y = protocol.relu(ch, dealer, norm(f"{name}/norm1", y))
-      y = norm(f"{name}/norm2", _linear(ch, dealer, model, f"{name}/conv2", y))
+      y = norm(f"{name}/norm2", lin(f"{name}/conv2", y))
       if f"{name}/proj" in model:
-        x = norm(f"{name}/proj_norm", _linear(ch, dealer, model, f"{name}/proj", x, stride))
+        x = norm(f"{name}/proj_norm", lin(f"{name}/proj", x, stride))
       x = protocol.relu(ch, dealer, x + y)
-  return _linear(ch, dealer, model, "head", protocol.global_mean(x))
+  return lin("head", protocol.global_mean(x))
 
 
-def forward_fn(model_name: str) -> Callable:
-  """The secure forward of a supported model: `fn(ch, dealer, model, x) -> logits`."""
+def forward_fn(model_name: str, linear: str = "auto") -> Callable:
+  """The secure forward of a supported model: `fn(ch, dealer, model, x) -> logits`;
+  `linear` (LINEAR, use_limbs) says how its linear layers are computed."""
   check_model(model_name)
-  return resnet18 if model_name == "resnet18" else sequential(SEQUENTIAL[model_name])
+  check_linear(linear)
+  if model_name == "resnet18":
+    return functools.partial(resnet18, linear=linear)
+  return sequential(SEQUENTIAL[model_name], linear)
 
 
 def compile_protocol(fn: Callable, masks: dict, *example_args,

@@ -8,17 +8,20 @@ Every function takes the channel `ch` and the `dealer` (dealer.py), shares `[2, 
   failure probability in ring.py); products with a bit are exact (no truncation).
 - `msb`: exact on every ring element at 64 bits, on |x| < 2^(bits - 1) for narrower
   words; `relu`, `argmax`, `max_pool` compare in 32 bits: exact for |v| < 2^19 (max
-  pool 2^18); the sign bit of x0 + x1 comes from a Kogge-Stone adder on XOR-shared words.
+  pool 2^18); the sign bit of x0 + x1 comes from the top carry of a binary adder tree
+  on XOR-shared words.
 - `avg_pool`: one truncation by 2 bits (<= 1 ulp); `global_mean`: ring.divide_public.
 - `tanh`: piecewise quartic (TANH_KNOTS), knots compared in 16 bits: |error| <= 2.8e-4
   in real arithmetic, plus the input's rounding and the truncations: |error| < 7e-4
   (5.6e-4 measured on 16,001 points in [-8, 8]) for |x| < TANH_RANGE (2043.4).
 
 Per element, online: an open of n ring elements costs 2 * 8n bytes (both parties
-send) and 1 round; `msb` in w bits 2 log2(w) AND words (w = 64: 384 bytes, 7 rounds;
-32: 160 bytes, 6 rounds; 16: 64 bytes, 5 rounds); a bit to ring 2 bits (1 round);
-`relu` = 32-bit msb + bit to ring + product with the bit: 192.25 bytes, 8 rounds;
-`tanh` 9 16-bit comparisons and 7 products: 802.25 bytes, 9 rounds.
+send) and 1 round; `msb` in w bits 3w - 3 AND gates: w of the parties' own bits (each
+party sends 1 bit per gate), 2w - 3 on shared bits (2 bits each), so (10w - 12) / 8 bytes
+(w = 64: 78.5 bytes, 7 rounds; 32: 38.5, 6 rounds; 16: 18.5, 5 rounds; narrow words packed);
+a bit to ring 2 bits (1 round); a product 32 bytes, a square 16; `relu` = 32-bit msb + bit
+to ring + product with the bit: 70.75 bytes, 8 rounds; `tanh` 9 16-bit comparisons, 2
+squares and 5 products: 360.75 bytes, 9 rounds.
 """
 
 from __future__ import annotations
@@ -72,6 +75,35 @@ def _mul_local(x, y, a, b, c, fixed):
   return ring.truncate(z) if fixed else z
 
 
+def square(ch, dealer, x: jax.Array) -> jax.Array:
+  """Elementwise x^2, truncated (a pair (a, a^2): one opened value, 1 round)."""
+  a, c = dealer(Request("square", x.shape[1:]))
+  ch.exchange(channels.ring_bytes(x[0].size), "mul")
+  return _square_local(x, a, c)
+
+
+@jax.jit
+def _square_local(x, a, c):
+  e = ring.reconstruct(x - a)  # opened
+  return ring.truncate((c + (e << ONE) * a).at[0].add(e * e))
+
+
+def _and_private(ch, dealer, x0: jax.Array, x1: jax.Array) -> jax.Array:
+  """XOR shares of x0 & x1 for party 0's own x0 and party 1's own x1 (1 round): with
+  the dealer's u (party 0's), v (party 1's), shares w of u & v, party 0 sends d = x0 ^ u,
+  party 1 sends e = x1 ^ v, and x0 & x1 = (x0 & e) ^ (d & v) ^ (u & v)."""
+  bits = x0.dtype.itemsize * 8
+  u, v, w = dealer(Request("and_private", x0.shape, bits=bits))
+  ch.exchange(channels.ring_bytes(x0.size, bits), "compare")
+  return _and_private_local(x0, x1, u, v, w)
+
+
+@jax.jit
+def _and_private_local(x0, x1, u, v, w):
+  d, e = x0 ^ u, x1 ^ v  # sent
+  return jnp.stack([(x0 & e) ^ w[0], (d & v) ^ w[1]])
+
+
 def _and(ch, dealer, x: jax.Array, y: jax.Array) -> jax.Array:
   """XOR shares of x & y, words of x's width (AND triple, 1 round)."""
   bits = x.dtype.itemsize * 8
@@ -88,30 +120,33 @@ def _and_local(x, y, u, v, w):
 
 
 def msb(ch, dealer, x: jax.Array, *, bits: int = 64, shift: int = 0) -> jax.Array:
-  """XOR shares (0/1 words) of the sign bit of x >> shift read as a `bits`-bit number.
+  """XOR shares (0/1 bytes) of the sign bit of x >> shift read as a `bits`-bit number.
 
   Each party keeps the bits [shift, shift + bits) of its share (party 1 after the
-  local truncation's negation), so the two are `bits`-bit shares of x >> shift (within
-  1, as ring.truncate) mod 2^bits: the sign bit is x's sign whenever |x >> shift| <
-  2^(bits - 1). bits=64, shift=0 is exact on every ring element; narrower words are
-  exact on a stated range (relu, argmax) and cheaper: the adder needs 2 log2(bits) AND
-  words of `bits` bits and log2(bits) + 1 rounds (64: 12 words, 7 rounds; 32: 10 words,
-  6 rounds; 16: 8 words, 5 rounds).
+  local truncation's negation), so the two are `bits`-bit shares y0, y1 of x >> shift
+  (within 1, as ring.truncate) mod 2^bits: the sign bit is x's sign whenever |x >> shift|
+  < 2^(bits - 1). bits=64, shift=0 is exact on every ring element; narrower words are
+  exact on a stated range (relu, argmax) and cheaper.
 
-  x0 and x1 are each party's input to the adder; generate G = x0 & x1 and propagate
-  P = x0 ^ x1 are combined over spans 1, 2, ..., bits / 2 (Kogge-Stone); the sign
-  bit is P_top ^ carry_top.
+  The sign bit is top(y0) ^ top(y1) ^ the carry into the top bit. The carry is the
+  generate of a binary tree over the lower bits (only the top carry, not every prefix):
+  G = y0 & y1 and P = y0 ^ y1 per bit, moved up one place (the top bit drops out, bit 0
+  is (0, 0); G's AND is of the parties' own words, `_and_private`); each level compacts
+  odd and even bits into half-width words (local) and combines pairs,
+  G = G_hi ^ (P_hi & G_lo), P = P_hi & P_lo. Values narrower than a byte are packed
+  8 // width to a byte, so every AND bit the dealer and the channel pay for is a gate:
+  bits + 2 (bits / 2 + ... + 2) + 1 = 3 bits - 3 gates (16: 45, 32: 93, 64: 189),
+  log2(bits) + 1 rounds.
   """
   y = _low_bits(x, bits, shift)
-  zero = jnp.zeros_like(y[0])
-  p = y  # XOR shares of y0 ^ y1: (y0, y1)
-  g = _and(ch, dealer, jnp.stack([y[0], zero]), jnp.stack([zero, y[1]]))
-  span = 1
-  while span < bits // 2:
-    both = _and(ch, dealer, *_spread(g, p, span))
-    g, p = g ^ both[:, 0], both[:, 1]
-    span *= 2
-  return _sign(y, g, _and(ch, dealer, p, _shift_left(g, bits // 2)))
+  p, width = y << y.dtype.type(1), bits  # moved up one bit; XOR shares of P: (y0, y1)
+  g = _and_private(ch, dealer, p[0], p[1])
+  while width > 2:
+    g_hi, lhs, rhs = _level_inputs(g, p, width)
+    g, p = _level_outputs(g_hi, _and(ch, dealer, lhs, rhs), width // 2, g_hi.shape)
+    width //= 2
+  g_hi, lhs, rhs = _level_inputs(g, p, 2)
+  return _top(y, _and(ch, dealer, lhs, rhs), g_hi)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -122,22 +157,71 @@ def _low_bits(x, bits, shift):
   return x.astype(dealer_lib.UINT[bits])
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _shift_left(g, span):
-  return g << g.dtype.type(span)
-
-
 @functools.partial(jax.jit, static_argnums=2)
-def _spread(g, p, span):
-  """The two AND inputs of a Kogge-Stone level: (P, P) and (G << span, P << span)."""
-  s = g.dtype.type(span)
-  return jnp.stack([p, p], 1), jnp.stack([g << s, p << s], 1)
+def _level_inputs(g, p, width):
+  """G_hi and the AND inputs (P_hi, P_hi) & (G_lo, P_lo) of a tree level (the last level,
+  width 2: P_hi & G_lo only), packed below 8 bits."""
+  (g_hi, g_lo), (p_hi, p_lo) = _halves(g, width), _halves(p, width)
+  if width == 2:
+    return g_hi, _pack(p_hi, 1), _pack(g_lo, 1)
+  half = width // 2
+  return g_hi, _pack(jnp.stack([p_hi, p_hi], 1), half), _pack(jnp.stack([g_lo, p_lo], 1), half)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _level_outputs(g_hi, both, width, shape):
+  """(G, P) of the next level from G_hi and the level's ANDs (P_hi & G_lo, P_hi & P_lo)."""
+  both = _unpack(both, width, (2, 2, *shape[1:]))
+  return g_hi ^ both[:, 0], both[:, 1]
+
+
+def _pack(x, width):
+  """`[2, ...]` values of `width` < 8 bits -> `[2, ceil(n / k)]` bytes, k = 8 // width
+  (wider values unchanged)."""
+  if width >= 8:
+    return x
+  k = 8 // width
+  flat = x.reshape(2, -1)
+  flat = jnp.pad(flat, ((0, 0), (0, -flat.shape[1] % k))).reshape(2, -1, k)
+  return (flat << jnp.arange(0, 8, width, dtype=jnp.uint8)).sum(-1, dtype=jnp.uint8)
+
+
+def _unpack(z, width, shape):
+  """Inverse of `_pack`: bytes -> `[2, ...]` values of `width` bits, shaped `shape`."""
+  if width >= 8:
+    return z
+  mask = np.uint8((1 << width) - 1)
+  out = (z[..., None] >> jnp.arange(0, 8, width, dtype=jnp.uint8)) & mask
+  return out.reshape(2, -1)[:, :int(np.prod(shape[1:]))].reshape(shape)
+
+
+def _halves(v, width):
+  """(odd bits, even bits) of `width`-bit words, each compacted to width / 2 bits
+  (local and XOR-linear), in bytes or words of width / 2 bits."""
+  half = width // 2
+  out = []
+  for u in (v >> v.dtype.type(1), v):
+    t = 1
+    u = u & _spread_mask(v.dtype, 1)
+    while t < half:
+      u = (u | (u >> v.dtype.type(t))) & _spread_mask(v.dtype, 2 * t)
+      t *= 2
+    out.append(u.astype(dealer_lib.UINT[max(half, 8)]))
+  return out
+
+
+def _spread_mask(dtype, t: int):
+  """The word of `dtype` with the low t bits of every 2t-bit group set (0x55.., 0x33..)."""
+  bits = np.dtype(dtype).itemsize * 8
+  return np.dtype(dtype).type(sum(((1 << t) - 1) << k for k in range(0, bits, 2 * t)))
 
 
 @jax.jit
-def _sign(p0, g, last):
-  one, top = p0.dtype.type(1), p0.dtype.type(p0.dtype.itemsize * 8 - 1)
-  return ((p0 ^ ((g ^ last) << one)) >> top) & one
+def _top(y, last, g_hi):
+  """Sign bit shares: top(y_j) ^ carry_j, carry = G_hi ^ (P_hi & G_lo) (last level)."""
+  top = y.dtype.type(y.dtype.itemsize * 8 - 1)
+  carry = g_hi ^ _unpack(last, 1, g_hi.shape)
+  return ((y >> top).astype(jnp.uint8) & np.uint8(1)) ^ carry
 
 
 def bit_to_ring(ch, dealer, bit: jax.Array) -> jax.Array:
@@ -202,18 +286,19 @@ TANH_CENTRES, TANH_COEFFS = _fit_tanh(TANH_KNOTS, TANH_DEGREE, TANH_MARGIN)
 def tanh(ch, dealer, x: jax.Array) -> jax.Array:
   """Piecewise-quartic tanh for |x| < TANH_RANGE: the knots' comparisons give a one-hot
   piece indicator, which selects the piece's centre and coefficients locally (public
-  constants times shared bits); then one quartic in z = x - centre: z^2, (z^3, z^4),
-  and the four coefficient products, summed before one truncation. 9 rounds."""
+  constants times shared bits); then one quartic in z = x - centre: z^2 (a square),
+  (z^3, z^4 = a product and a square at once), and the four coefficient products,
+  summed before one truncation. 9 rounds."""
   knots = jnp.stack([ring.add_public(x, ring.public_scalar(-t)) for t in TANH_KNOTS], 1)
   below = less_than_zero(ch, dealer, knots, bits=KNOT_BITS, shift=KNOT_SHIFT)  # [x < t_k]
   piece = jnp.concatenate([below[:, :1], below[:, 1:] - below[:, :-1],
                            ring.add_public(-below[:, -1:], ONE)], 1)  # [2, pieces, B, ...]
   select = lambda table: _select(piece, ring.encode(table))
   z = x - select(TANH_CENTRES)
-  z2 = mul(ch, dealer, z, z)
-  z34 = mul(ch, dealer, jnp.stack([z2, z2], 1), jnp.stack([z, z2], 1))
+  z2 = square(ch, dealer, z)
+  z3, z4 = ch.parallel(lambda c: mul(c, dealer, z2, z), lambda c: square(c, dealer, z2))
   coeffs = jnp.stack([select(TANH_COEFFS[:, i]) for i in range(1, TANH_DEGREE + 1)], 1)
-  terms = mul(ch, dealer, coeffs, jnp.stack([z, z2, z34[:, 0], z34[:, 1]], 1), fixed=False)
+  terms = mul(ch, dealer, coeffs, jnp.stack([z, z2, z3, z4], 1), fixed=False)
   # One truncation for the whole sum: the terms' rounding errors do not add up.
   return ring.truncate(terms.sum(1)) + select(TANH_COEFFS[:, 0])
 

@@ -5,6 +5,11 @@ A real number v is stored as the ring element round(v * 2^FRAC_BITS) mod 2^64
 and the range |v| < 2^51. uint64 arithmetic wraps mod 2^64 natively; the project
 runs with `jax_enable_x64` off, so every function here must run inside `x64()`.
 
+Bilinear maps (convolutions, matmuls) of ring elements run in float64 on 16-bit limbs
+(`bilinear`, the CryptGPU approach of Tan et al., S&P 2021) where uint64 has no kernel:
+XLA:GPU has no uint64 convolution, cuDNN and cuBLAS run float64 ones (network.use_limbs
+picks per backend and layer kind).
+
 A shared value is one array `[2, ...]` uint64: `s[0]` is party 0's share (the
 hospital), `s[1]` party 1's (the model owner); the value is `s[0] + s[1]` mod 2^64.
 One share alone is a uniform ring element, independent of the value.
@@ -92,3 +97,34 @@ def divide_public(shares: jax.Array, n: int, drop_bits: int = 0) -> jax.Array:
   shift = int(n).bit_length() - 1
   x = truncate(shares, shift + drop_bits) if shift + drop_bits else shares
   return mul_public(x, 2.0**shift / n)
+
+
+# Limbs: a ring element is sum_i x_i 2^(16 i), x_i < 2^16. op(x, w) mod 2^64 is the sum over
+# the 10 limb pairs with i + j < 4 (the others vanish mod 2^64) of op(x_i, w_j) 2^(16 (i + j)),
+# each limb product < 2^32. Pairs with the same i + j = s are one float64 op on limbs
+# concatenated along the contracted axis: at most 4 K products < 2^32 summed, exact while
+# 4 K (2^16 - 1)^2 <= 2^53, K the reduction length per output (MAX_REDUCTION = 524,304).
+LIMB_BITS = 16
+LIMBS = RING_BITS // LIMB_BITS
+LIMB_MASK = np.uint64((1 << LIMB_BITS) - 1)
+MAX_REDUCTION = 2**53 // (LIMBS * ((1 << LIMB_BITS) - 1)**2)
+
+
+def bilinear(op, x: jax.Array, w: jax.Array) -> jax.Array:
+  """op(x, w) mod 2^64 for uint64 x, w, bit-identical to op on uint64, in float64.
+
+  `op` is bilinear and contracts x's last axis with w's axis -2 (an HWIO convolution,
+  a dense `[in, out]` kernel). 4 float64 ops, one per limb weight 2^(16 s), s < 4.
+  """
+  reduction = w.size // w.shape[-1]
+  if reduction > MAX_REDUCTION:
+    raise ValueError(f"reduction length {reduction} > {MAX_REDUCTION}: float64 limb "
+                     "products would not be exact")
+  limbs = lambda v: [((v >> np.uint64(LIMB_BITS * i)) & LIMB_MASK).astype(jnp.float64)
+                     for i in range(LIMBS)]
+  xs, ws = limbs(x), limbs(w)
+  out = 0
+  for s in range(LIMBS):
+    part = op(jnp.concatenate(xs[:s + 1], -1), jnp.concatenate(ws[s::-1], -2))
+    out = out + (part.astype(jnp.int64).astype(DTYPE) << np.uint64(LIMB_BITS * s))
+  return out

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from fedsim import io, models
 from fedsim import workdir as workdir_lib
@@ -27,11 +28,13 @@ from privacy.encrypted_inference import channels, network, ring
 from privacy.validation import check
 
 RECORD = "encrypted_inference.json"
+BATCH_SIZE = 64  # images per protocol call
 SPLITS = ("test", "val", "unseen")
 REVEALS = ("logits", "label")
 
 
-def check_args(*, split: str, images: str, limit: int, batch_size: int, reveal: str) -> None:
+def check_args(*, split: str, images: str, limit: int, batch_size: int, reveal: str,
+               linear: str = "auto") -> None:
   """One ValueError naming the flag, before any compute."""
   check(split in SPLITS, "--split", split, f"one of {list(SPLITS)}")
   check(not images or os.path.isfile(images), "--images", images,
@@ -39,6 +42,7 @@ def check_args(*, split: str, images: str, limit: int, batch_size: int, reveal: 
   check(limit >= 0, "--limit", limit, ">= 0 (0: all images)")
   check(batch_size >= 1, "--batch_size", batch_size, ">= 1")
   check(reveal in REVEALS, "--reveal", reveal, f"one of {list(REVEALS)}")
+  check(linear in network.LINEAR, "--linear", linear, f"one of {list(network.LINEAR)}")
 
 
 def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
@@ -100,14 +104,17 @@ def _metrics(enc_label, enc_logits, plain_logits, labels) -> dict:
 
 
 def encrypted_predict(model_name: str, params, images: np.ndarray, *, batch_size: int,
-                      reveal: str, seed: int = 0, jit: bool = True) -> dict:
-  """Runs the protocol on normalised float images `[N, H, W, C]`.
+                      reveal: str, seed: int = 0, jit: bool = True, linear: str = "auto",
+                      progress: bool = False) -> dict:
+  """Runs the protocol on normalised float images `[N, H, W, C]`, a batch at a time
+  (a progress bar over the batches with `progress`).
 
   Returns labels `[N]`, logits `[N, C]` (None for reveal="label"), the per-batch
   channel counts, setup counts and the timings. `jit=False` runs op by op: no
-  compilation (quicker for one small batch), slower per image.
+  compilation (quicker for one small batch), slower per image. `linear`: how linear
+  layers are computed (network.use_limbs).
   """
-  fn = network.inference_fn(network.forward_fn(model_name), reveal)
+  fn = network.inference_fn(network.forward_fn(model_name, linear), reveal)
 
   def with_input(ch, dealer, model, x):
     ch.send(channels.ring_bytes(x[0].size), "share_input")  # party 0 -> party 1
@@ -130,7 +137,9 @@ def encrypted_predict(model_name: str, params, images: np.ndarray, *, batch_size
       online = online.lower(material, model, example).compile()
     compile_s = time.perf_counter() - start
     labels, logits, t_off, t_on = [], [], 0.0, 0.0
-    for b, lo in enumerate(range(0, n, batch)):
+    bar = tqdm(range(0, n, batch), desc="encrypted batches", unit="batch", disable=not progress,
+               leave=False)
+    for b, lo in enumerate(bar):
       x = np.zeros((batch, *images.shape[1:]), np.float32)
       x[:min(batch, n - lo)] = images[lo:lo + batch]
       bkey = jax.random.fold_in(key, b + 1)
@@ -141,6 +150,7 @@ def encrypted_predict(model_name: str, params, images: np.ndarray, *, batch_size
       one_hot, out = jax.block_until_ready(
           online(mat, model, share(jax.random.fold_in(bkey, 1), jnp.asarray(x))))
       t_on += time.perf_counter() - start
+      bar.set_postfix(ms_per_image=f"{(t_off + t_on) * 1e3 / min(lo + batch, n):.1f}")
       labels.append(np.asarray(one_hot).argmax(-1))
       if out is not None:
         logits.append(np.asarray(ring.decode(out)))
@@ -151,10 +161,11 @@ def encrypted_predict(model_name: str, params, images: np.ndarray, *, batch_size
 
 
 def run_service(workdir: str, *, split: str = "test", images: str = "", limit: int = 0,
-                batch_size: int = 8, reveal: str = "logits", seed: int = 0,
-                jit: bool = True) -> dict:
+                batch_size: int = BATCH_SIZE, reveal: str = "logits", seed: int = 0,
+                jit: bool = True, linear: str = "auto", progress: bool = False) -> dict:
   """Encrypted inference on a run's images; writes and returns the record."""
-  check_args(split=split, images=images, limit=limit, batch_size=batch_size, reveal=reveal)
+  check_args(split=split, images=images, limit=limit, batch_size=batch_size, reveal=reveal,
+             linear=linear)
   start = time.perf_counter()
   config, params = load_run(workdir)
   raw, labels, fed = load_images(config, split=split, images=images, limit=limit)
@@ -162,12 +173,13 @@ def run_service(workdir: str, *, split: str = "test", images: str = "", limit: i
   plain = np.asarray(jax.jit(lambda p, v: _plaintext_logits(
       config.model, p, v, fed.num_classes))(params, x), np.float64)
   enc = encrypted_predict(config.model, params, x, batch_size=batch_size, reveal=reveal,
-                          seed=seed, jit=jit)
+                          seed=seed, jit=jit, linear=linear, progress=progress)
   n = len(x)
   per_batch, size = enc["batch_counts"], enc["batch_size"]
   record = {
       "workdir": workdir, "model": config.model, "images": images or f"split:{split}",
-      "num_images": n, "image_shape": list(x.shape[1:]), "reveal": reveal,
+      "num_images": n, "image_shape": list(x.shape[1:]), "reveal": reveal, "linear": linear,
+      "limbs": {kind: network.use_limbs(linear, kind) for kind in ("conv", "dense")},
       "ring_bits": ring.RING_BITS, "frac_bits": ring.FRAC_BITS,
       **_metrics(enc["labels"], enc["logits"], plain, labels),
       "online_bytes_per_image": per_batch["online_bytes"] / size,

@@ -47,7 +47,7 @@ def trained_run(tmp_path_factory):
 
 def test_cli_agrees_with_plaintext_on_every_test_image(trained_run, capsys):
   try:
-    flags.FLAGS(["encrypted_inference", f"--workdir={trained_run}", "--nojit",
+    flags.FLAGS(["encrypted_inference", f"--workdir={trained_run}",
                  "--batch_size=64"])
     assert cli.main([]) == 0
   finally:
@@ -91,3 +91,5 @@ def test_unsupported_model_is_refused_before_any_compute(tmp_path):
 def test_bad_flag_is_refused(trained_run):
   with pytest.raises(ValueError, match="--limit=-1 must be >= 0"):
     service.run_service(trained_run, limit=-1)
+  with pytest.raises(ValueError, match="--linear='gpu' must be one of"):
+    service.run_service(trained_run, linear="gpu")
