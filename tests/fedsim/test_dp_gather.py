@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedsim import blocks, config as config_lib, keys
+from fedsim import blocks, keys
 from fedsim import client as client_lib
+from fedsim import config as config_lib
 from fedsim import round as round_lib
 from privacy.sampling import PoissonSampler
 from tests.conftest import tiny_config
