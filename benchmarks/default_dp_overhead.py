@@ -3,13 +3,15 @@
   python -m benchmarks.default_dp_overhead                    # experiments/default.py
   python -m benchmarks.default_dp_overhead --clipping=vmap,ghost --reps=5
   python -m benchmarks.default_dp_overhead --clipping=ghost --microbatch=0,8,16   # memory
+  python -m benchmarks.default_dp_overhead --clipping=ghost --gather=fixed,bucketed
 
 Rows (each a `round.Setup` built from experiments/default.py, the federation generated
 once): `none` (dp.level='none', the same federation, cohort and local steps without
 privacy), `patient_{clipping}` (the default: patient-level DP-SGD, truncated Poisson
 gather in patient slots) and `example_{clipping}` (example-level DP-SGD over the same
 images, gather of `--example_gather` images); with `--microbatch=m,...` each private row
-also runs with `dp.microbatch_size=m` (units a slice; suffix `_mb{m}`). Round seconds are
+also runs with `dp.microbatch_size=m` (units a slice; suffix `_mb{m}`), and with
+`--gather=g,...` with `engine.dp_gather=g` (suffix `_{g}`; "auto": the backend's). Round seconds are
 `round.round_step` (no accounting, evaluation or writing), the minimum of `--reps` rounds
 after one warm-up; `temp_mb` is XLA's temporary memory of the compiled block program
 (`memory_analysis()`: the peak working set of one call beyond its arguments and outputs).
@@ -39,11 +41,14 @@ _EXAMPLE_GATHER = flags.DEFINE_integer(
 _MICROBATCH = flags.DEFINE_list(
     "microbatch", ["0"], "dp.microbatch_size values of the private rows (0: unsliced); "
     "patient rows slice patients, example rows images.")
+_GATHER = flags.DEFINE_list(
+    "gather", ["auto"], "engine.dp_gather values of the private rows (auto: the backend's).")
 _OUT = flags.DEFINE_string("out", "", "JSON path (default benchmarks/results/...).")
 
 
-def _setup(fed, **dp) -> round_lib.Setup:
+def _setup(fed, gather="auto", **dp) -> round_lib.Setup:
   config = default_experiment.get_config()
+  config.engine.dp_gather = gather
   for field, value in dp.items():
     config.dp[field] = value
   config_lib.validate(config)
@@ -73,11 +78,13 @@ def main(argv):
   rows = {"none": dict(level="none")}
   for clip in _CLIPPING.value:
     for size in map(int, _MICROBATCH.value):
-      suffix = f"_mb{size}" if size else ""
-      rows[f"patient_{clip}{suffix}"] = dict(clipping=clip, microbatch_size=size)
-      rows[f"example_{clip}{suffix}"] = dict(level="example", clipping=clip,
-                                             max_batch_size=_EXAMPLE_GATHER.value,
-                                             microbatch_size=size)
+      for gather in _GATHER.value:
+        suffix = (f"_mb{size}" if size else "") + (f"_{gather}" if gather != "auto" else "")
+        rows[f"patient_{clip}{suffix}"] = dict(clipping=clip, microbatch_size=size,
+                                               gather=gather)
+        rows[f"example_{clip}{suffix}"] = dict(level="example", clipping=clip,
+                                               max_batch_size=_EXAMPLE_GATHER.value,
+                                               microbatch_size=size, gather=gather)
   results = {}
   for name, dp in rows.items():
     start = time.perf_counter()
