@@ -445,6 +445,9 @@ def test_ghost_supports_groupnorm_layernorm_and_shared_layers(monkeypatch):
             clipping.clipped_grad_sum(_loss_fn(model), params, batch, MASK,
                                       groups=GROUPS, num_groups=NUM_GROUPS,
                                       **kw),
+            clipping.clipped_grad_sum(_loss_fn(model), params, batch, MASK,  # banded Grams
+                                      groups=GROUPS, num_groups=NUM_GROUPS,
+                                      unit_span=3, **kw),
             clipping.clipped_grad_sum(_loss_fn(model), params, batch, SLOT_MASK,
                                       unit_size=SLOT, **{**kw, "clip_norm": 2.75}))
   want, got = both(params, "vmap"), both(params, "ghost")
