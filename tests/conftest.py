@@ -53,6 +53,10 @@ def tiny_config():
   c.dp.max_batch_size = 0  # exact Poisson; truncation has its own tests
   c.engine.client_chunk = 2
   c.engine.unroll = 1
+  # One program per run: the CPU's bucketed DP-SGD gathers compile once per batch size
+  # (2-3 sizes a tiny run); they have their own tests (tests/fedsim/test_dp_gather.py),
+  # and experiments/default.py's runs (launch, default-config tests) take them.
+  c.engine.dp_gather = "fixed"
   return c
 
 

@@ -70,9 +70,6 @@ def test_rounds_read_nothing_back_and_compile_once(config, workdir, monkeypatch)
   (Client-level DP with Poisson cohorts and adaptive clipping was checked the same way
   by hand; it is left out to keep the suite short.)"""
   config.num_rounds, config.eval_every, config.checkpoint_every = 5, 2, 0
-  # The accelerators' gather: the CPU's bucketed one reads each block's batch sizes and
-  # compiles once per size, by design (tests/fedsim/test_dp_gather.py).
-  config.engine.dp_gather = "fixed"
   for name in ("evaluate", "round_scalars", "save_state", "finish_record"):
     monkeypatch.setattr(simulation, name, _allowing_reads(getattr(simulation, name)))
   compiles = {}

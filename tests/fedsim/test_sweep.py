@@ -54,7 +54,6 @@ def sweep_config(**axes):
   c.sweep.selection_mean = 0.0
   c.sweep.execution = "sequential"
   c.sweep.group_size = 0
-  c.engine.dp_gather = "fixed"  # vmapped groups need one program shape (not bucketed)
   return c
 
 
