@@ -99,7 +99,7 @@ class GhostTerms:
 
   Each params leaf's per-example gradient is kept as either "tokens"
   `sum_t A[m, t]^T G[m, t]` (`A [M, T, K]`, `G [M, T, F]`, Gram form) or an
-  explicit vector `V [M, P]`.
+  explicit vector `V [M, P]` (for convolutions built offset by offset, A unused).
 
   Attributes:
     example_finite: bool `[M]` (`[U]` with `unit_size`), False where an
@@ -135,7 +135,7 @@ class GhostTerms:
     for idx, leaf in enumerate(self._leaves):
       term = self._terms[idx]
       if term[0] == "tokens":
-        _, a, g, to_leaf = term
+        a, g, to_leaf = term[1:4]
         keep = finite[:, None, None]
         kf = jnp.einsum("mtk,mtf->kf", jnp.where(keep, a, 0),
                         jnp.where(keep, g * weights[:, None, None], 0),
@@ -170,12 +170,12 @@ def _finalize(terms: dict, segment_ids, num_units, unit_span: int = 0
   forms = {}
   for idx, term in terms.items():
     if term[0] == "tokens":
-      _, a, g, to_leaf = term
+      a, g, to_leaf, explicit = term[1:]
       (m, t, k), f = a.shape, g.shape[-1]
       pairs = 1 if segment_ids is None else unit_span or m
       if _explicit_is_cheaper(m, t, k, f, pairs):
-        e = jnp.einsum("mtk,mtf->mkf", a, g,
-                       precision=_HIGHEST).reshape(m, k * f)
+        e = explicit() if explicit is not None else jnp.einsum(
+            "mtk,mtf->mkf", a, g, precision=_HIGHEST).reshape(m, k * f)
         term = ("vec", e, lambda v, k=k, f=f, fn=to_leaf: fn(v.reshape(k, f)))
     forms[idx] = term
   if segment_ids is None:
@@ -260,7 +260,9 @@ def _to_units(term: tuple, unit_size: int) -> tuple:
   def units(x):
     return x.reshape((x.shape[0] // unit_size, -1) + x.shape[2:])
   if term[0] == "tokens":
-    return ("tokens", units(term[1]), units(term[2]), term[3])
+    explicit = None if term[4] is None else (
+        lambda fn=term[4]: fn().reshape(term[1].shape[0] // unit_size, unit_size, -1).sum(1))
+    return ("tokens", units(term[1]), units(term[2]), term[3], explicit)
   v = term[1]
   return ("vec", v.reshape((v.shape[0] // unit_size, unit_size) + v.shape[1:]).sum(1),
           term[2])

@@ -67,12 +67,16 @@ class LayerCall:
     prep: `x -> tokens [M, T, K]` for "linear", `x -> xhat [M, ..., C]` for
       "norm".
     to_leaf: maps the `[K, F]` kernel gradient to the kernel's shape.
+    explicit: optional `(x, g) -> [M, K * F]` per-example kernel gradients straight
+      from the input and the output gradient, without materialising the tokens
+      (convolutions: one product per kernel offset).
   """
 
   kind: str
   leaves: tuple[tuple[str, int], ...]
   prep: Callable[[jax.Array], jax.Array]
   to_leaf: Callable[[jax.Array, tuple[int, ...]], jax.Array] | None = None
+  explicit: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
 
 def _unsupported(module: nn.Module, why: str) -> ValueError:
@@ -127,7 +131,17 @@ def _conv_call(module: nn.Module, x: jax.Array, leaves) -> LayerCall:
   def to_leaf(kf: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return kf.reshape(shape)  # patch channels are (*kernel_size, in): HWIO
 
-  return LayerCall("linear", leaves, prep, to_leaf)
+  def explicit(v: jax.Array, g: jax.Array) -> jax.Array:
+    """`[M, prod(ks) * C * F]`: each offset's window contracted with g (no stacked
+    patches: on XLA:CPU the stack cost as much as the products)."""
+    if pre_pad is not None:
+      v = pre_pad(v)
+    windows = _windows(v, ks, strides, padding, rhs_dil)
+    per_offset = [jnp.einsum("m...c,m...f->mcf", w, g, precision=_HIGHEST) for w in windows]
+    return jnp.stack(per_offset, 1).reshape(v.shape[0], -1)
+
+  dilated = any(d != 1 for d in lhs_dil)
+  return LayerCall("linear", leaves, prep, to_leaf, None if dilated else explicit)
 
 
 def _patches(x: jax.Array, ks: tuple[int, ...], strides: tuple[int, ...],
@@ -148,6 +162,15 @@ def _patches(x: jax.Array, ks: tuple[int, ...], strides: tuple[int, ...],
         dimension_numbers=dn, precision=_HIGHEST)
     p = p.reshape(p.shape[:-1] + (c, -1))  # (C, *ks) -> (*ks, C)
     return jnp.swapaxes(p, -1, -2).reshape(m, -1, p.shape[-1] * c)
+  slices = _windows(x, ks, strides, padding, rhs_dil)
+  return jnp.stack(slices, axis=-2).reshape(m, -1, len(slices) * c)
+
+
+def _windows(x: jax.Array, ks: tuple[int, ...], strides: tuple[int, ...], padding,
+             rhs_dil: tuple[int, ...]) -> list[jax.Array]:
+  """The padded input under each kernel offset (in `(*ks)` order), `[M, *out, C]` each:
+  strided slices, on XLA:CPU far cheaper than an identity-kernel convolution."""
+  m, c = x.shape[0], x.shape[-1]
   window = tuple((k - 1) * d + 1 for k, d in zip(ks, rhs_dil))
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(x.shape[1:-1], window, strides, padding)
@@ -162,7 +185,7 @@ def _patches(x: jax.Array, ks: tuple[int, ...], strides: tuple[int, ...],
     limit = [b + (o - 1) * s + 1 for b, o, s in zip(start, out, strides)]
     slices.append(jax.lax.slice(x, [0] + start + [0], [m] + limit + [c],
                                 (1,) + tuple(strides) + (1,)))
-  return jnp.stack(slices, axis=-2).reshape(m, -1, len(slices) * c)
+  return slices
 
 
 def _norm_call(module: nn.Module, kwargs, leaves) -> LayerCall:
@@ -207,7 +230,10 @@ def describe(module: nn.Module, args, kwargs,
 
 def layer_terms(calls: list[LayerCall], inputs: list, gouts: list,
                 leaves: list) -> dict[int, tuple]:
-  """Per params leaf: ("tokens", A, G, to_leaf) or ("vec", V, to_leaf).
+  """Per params leaf: ("tokens", A, G, to_leaf, explicit) or ("vec", V, to_leaf).
+
+  `explicit`: None, or a thunk giving the `[M, K * F]` per-example kernel gradients
+  without A (XLA drops A when only the thunk's result is used).
 
   Example m's rows depend only on example m's input and output gradient, so a
   non-finite example makes only its own rows (and so its own norm) non-finite.
@@ -220,8 +246,10 @@ def layer_terms(calls: list[LayerCall], inputs: list, gouts: list,
     for name, idx in call.leaves:
       shape = leaves[idx].shape
       if name == "kernel" and call.kind == "linear":
+        explicit = None if call.explicit is None else (
+            lambda fn=call.explicit, x=x, g=g: fn(x, g))
         new = ("tokens", call.prep(x), gt,
-               lambda kf, s=shape, fn=call.to_leaf: fn(kf, s))
+               lambda kf, s=shape, fn=call.to_leaf: fn(kf, s), explicit)
       elif name == "bias" or (name == "scale" and call.kind == "norm"):
         v = gt.sum(1) if name == "bias" else jnp.sum(gt * xhat, axis=1)
         new = ("vec", v, lambda kf, s=shape: kf.reshape(s))
@@ -236,6 +264,8 @@ def _merge(old: tuple | None, new: tuple) -> tuple:
   if old is None:
     return new
   if new[0] == "tokens":
+    both = None if old[4] is None or new[4] is None else (
+        lambda a=old[4], b=new[4]: a() + b())
     return ("tokens", jnp.concatenate([old[1], new[1]], 1),
-            jnp.concatenate([old[2], new[2]], 1), old[3])
+            jnp.concatenate([old[2], new[2]], 1), old[3], both)
   return ("vec", old[1] + new[1], old[2])

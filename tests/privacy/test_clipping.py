@@ -428,10 +428,11 @@ class _NormNet(nn.Module):
     return nn.Dense(3)(x)
 
 
-def test_ghost_supports_groupnorm_layernorm_and_shared_layers(monkeypatch):
-  # Force the Gram form everywhere here (SmallCNN's convs take the explicit
-  # form), so both forms are checked with and without patient groups.
-  monkeypatch.setattr(ghost, "_explicit_is_cheaper", lambda *_: False)
+@pytest.mark.parametrize("form", ["gram", "explicit"])
+def test_ghost_supports_groupnorm_layernorm_and_shared_layers(monkeypatch, form):
+  # Force one form everywhere (the explicit one builds each conv's per-example gradient
+  # offset by offset), with and without patient groups.
+  monkeypatch.setattr(ghost, "_explicit_is_cheaper", lambda *_: form == "explicit")
   model = _NormNet()
   x = _np_images(2, (M, 6, 6, 1), 0.2, 4.0)
   batch = {"x": x, "y": np.arange(M, dtype=np.int32) % 3}
