@@ -39,12 +39,8 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
   (`clipping.clipped_grad_sum(unit_size=...)`); `patient_span > 0`, the flat
   layout, a patient's images adjacent (at most that many) and named by
   `batch.units`; otherwise patients are found by id anywhere in the batch. The
-  step's metrics (loss, accuracy) come from the clipping pass's own forward,
-  except on the id-grouped path, which runs one more forward for them.
+  step's metrics (loss, accuracy) come from the clipping pass's own forward.
   """
-
-  def per_example_loss(params, batch):
-    return client_lib.example_loss(apply_fn(params, batch["x"]), batch["y"])
 
   def per_example_loss_and_metrics(params, batch):
     """Losses, plus each example's masked loss and hit for the metrics (one forward)."""
@@ -54,41 +50,28 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
                     "correct": jnp.where(batch["w"], client_lib.example_hits(logits, batch["y"]),
                                          0.0)}
 
-  def clipped_sum(params, batch: client_lib.Batch, clip_norm):
-    """(clipped grad sum, ClipStats, metric sums or None when a forward is still owed)."""
-    microbatch = microbatch_size or None
+  def units_of(batch: client_lib.Batch) -> dict:
+    """How `clipped_grad_sum` finds the privacy units of this batch's layout."""
     if unit == "example" or patient_slots:
-      return clipping.clipped_grad_sum(
-          per_example_loss_and_metrics, params,
-          {"x": batch.x, "y": batch.y, "w": batch.mask}, batch.mask,
-          clip_norm=clip_norm, method=method, microbatch_size=microbatch, has_aux=True,
-          unit_size=patient_slots or 1)
-    if patient_span:
-      if batch.units is None:
-        raise ValueError("the flat patient layout needs batch.units (the sampler's Draw.unit)")
-      return clipping.clipped_grad_sum(
-          per_example_loss_and_metrics, params,
-          {"x": batch.x, "y": batch.y, "w": batch.mask}, batch.mask,
-          clip_norm=clip_norm, groups=jnp.where(batch.mask, batch.units, -1),
-          num_groups=batch.mask.shape[0], method=method, microbatch_size=microbatch,
-          has_aux=True, unit_span=patient_span)
-    return clipping.clipped_grad_sum(
-        per_example_loss, params, {"x": batch.x, "y": batch.y}, batch.mask,
-        clip_norm=clip_norm, groups=batch_groups(batch.patients, batch.mask),
-        num_groups=batch.mask.shape[0], method=method,
-        microbatch_size=microbatch) + (None,)
+      return {"unit_size": patient_slots or 1}
+    if not patient_span:  # patients by id anywhere in the batch
+      return {"groups": batch_groups(batch.patients, batch.mask),
+              "num_groups": batch.mask.shape[0]}
+    if batch.units is None:
+      raise ValueError("the flat patient layout needs batch.units (the sampler's Draw.unit)")
+    return {"groups": jnp.where(batch.mask, batch.units, -1),
+            "num_groups": batch.mask.shape[0], "unit_span": patient_span}
 
   def grad_fn(params, batch: client_lib.Batch, key, hparams):
-    grad_sum, stats, metrics = clipped_sum(params, batch, hparams["clip_norm"])
+    grad_sum, stats, metrics = clipping.clipped_grad_sum(
+        per_example_loss_and_metrics, params,
+        {"x": batch.x, "y": batch.y, "w": batch.mask}, batch.mask,
+        clip_norm=hparams["clip_norm"], method=method,
+        microbatch_size=microbatch_size or None, has_aux=True, **units_of(batch))
     grad = clipping.privatize(
         grad_sum, key, clip_norm=hparams["clip_norm"],
         noise_multiplier=hparams["noise_multiplier"],
         expected_batch_size=hparams["expected_units"])
-    if metrics is None:  # id-grouped patients: one more forward pass, for metrics only
-      logits = apply_fn(params, batch.x)
-      w = batch.mask.astype(jnp.float32)
-      loss_sum = jnp.sum(w * client_lib.example_loss(logits, batch.y))
-      metrics = client_lib.batch_stats(loss_sum, logits, batch)
     return grad, {**metrics,
                   "num_units": stats.num_units.astype(jnp.float32),
                   "num_clipped": stats.num_clipped.astype(jnp.float32),

@@ -49,7 +49,7 @@ def test_patient_layouts_clip_the_same_patients(patient_setup, method):
   for other in grads[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                  grads[0], other)
-  # Slots and units take the metrics from the gradient's forward pass; ids run another.
+  # Every layout takes the metrics from the gradient's own forward pass.
   np.testing.assert_allclose(metrics[0], metrics[1], rtol=1e-5)
   np.testing.assert_allclose(metrics[0], metrics[2], rtol=1e-5)
   assert metrics[0][0] > 0
