@@ -222,6 +222,16 @@ def local_keys(key: jax.Array, schedule: LocalSchedule) -> tuple[jax.Array, jax.
   return batch_key, steps
 
 
+def poisson_inputs(data: ClientData, schedule: LocalSchedule
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """What every Poisson draw of a client needs: real examples `[N]`, the rate, and the
+  active local steps `[S]` (the accountant charges exactly these)."""
+  real = jnp.arange(schedule.max_examples) < data.count
+  rate = poisson_rate(data.count, schedule.batch_size)
+  active = jnp.arange(schedule.num_steps) < active_steps(data.count, schedule)
+  return real, rate, active
+
+
 def batch_sizes(sampler: PoissonSampler, schedule: LocalSchedule, data: ClientData,
                 key: jax.Array) -> jax.Array:
   """int32 `[S]`: the examples kept in each active local step's Poisson batch.
@@ -229,9 +239,7 @@ def batch_sizes(sampler: PoissonSampler, schedule: LocalSchedule, data: ClientDa
   The same draws as `client_update` with `key` (0 for inactive steps): the engine
   reads them to gather each step in as few rows as hold every kept example.
   """
-  real = jnp.arange(schedule.max_examples) < data.count
-  rate = poisson_rate(data.count, schedule.batch_size)
-  active = jnp.arange(schedule.num_steps) < active_steps(data.count, schedule)
+  real, rate, active = poisson_inputs(data, schedule)
 
   def kept(step_key):
     draw = sampler.draw(jax.random.split(step_key)[0], data.patients, real, rate)
@@ -266,13 +274,11 @@ def make_client_update(apply_fn: Callable, grad_fn: GradientFn, *,
   def client_update(global_params, data: ClientData, key, hparams):
     batch_key, step_keys = local_keys(key, schedule)
     opt = client_optimizer(optimizer, hparams)
-    real = jnp.arange(schedule.max_examples) < data.count
+    real, rate, active = poisson_inputs(data, schedule)
     if sampler is None:
       idx, active = epoch_batches(batch_key, data.count, schedule)
     else:  # drawn inside the step; only the active flags are precomputed
       idx = jnp.zeros((schedule.num_steps, 1), jnp.int32)
-      active = jnp.arange(schedule.num_steps) < active_steps(data.count, schedule)
-      rate = poisson_rate(data.count, schedule.batch_size)
 
     def local_step(params, opt_state, inputs):
       """One local step -> (params, opt_state, step metrics); no-op if inactive."""

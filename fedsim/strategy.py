@@ -75,9 +75,6 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
     devices = jax.local_device_count() if engine_config.shard_clients else 1
   if devices > 1:  # one vmapped chunk per block, split evenly over the devices
     chunk = block = -(-max(block, devices) // devices) * devices
-  if engine_config.dp_gather not in DP_GATHERS:
-    raise ValueError(f"engine.dp_gather={engine_config.dp_gather!r} must be one of "
-                     f"{DP_GATHERS}")
   dp_gather = dp_gather if engine_config.dp_gather == "auto" else engine_config.dp_gather
   if devices > 1 or jax.process_count() > 1:  # every device must run the same program
     dp_gather = "fixed"

@@ -203,11 +203,16 @@ def _finalize(terms: dict, segment_ids, num_units, unit_span: int = 0
   return forms, total, finite
 
 
+def _gram_dot(a: jax.Array, g: jax.Array, b: jax.Array, h: jax.Array) -> jax.Array:
+  """`[M]`: `<sum_t a[m,t] g[m,t]^T, sum_s b[m,s] h[m,s]^T>` via Gram matrices."""
+  ab = jnp.einsum("mtk,msk->mts", a, b, precision=_HIGHEST)
+  gh = jnp.einsum("mtf,msf->mts", g, h, precision=_HIGHEST)
+  return jnp.sum(ab * gh, axis=(1, 2))
+
+
 def _gram_sq(a: jax.Array, g: jax.Array) -> jax.Array:
-  """Squared norms `[M]` of `sum_t a[m,t] g[m,t]^T` via Gram matrices."""
-  aa = jnp.einsum("mtk,msk->mts", a, a, precision=_HIGHEST)
-  gg = jnp.einsum("mtf,msf->mts", g, g, precision=_HIGHEST)
-  return jnp.sum(aa * gg, axis=(1, 2))
+  """Squared norms `[M]` of `sum_t a[m,t] g[m,t]^T`."""
+  return _gram_dot(a, g, a, g)
 
 
 def _gram_pairs(a: jax.Array, g: jax.Array) -> jax.Array:
@@ -224,12 +229,7 @@ def _shift(x: jax.Array, d: int) -> jax.Array:
 
 def _band_pairs(a: jax.Array, g: jax.Array, span: int) -> jax.Array:
   """`[span, M]`: row d holds `<grad_i, grad_{i+d}>` (0 past the end)."""
-  rows = []
-  for d in range(span):
-    aa = jnp.einsum("mtk,msk->mts", a, _shift(a, d), precision=_HIGHEST)
-    gg = jnp.einsum("mtf,msf->mts", g, _shift(g, d), precision=_HIGHEST)
-    rows.append(jnp.sum(aa * gg, axis=(1, 2)))
-  return jnp.stack(rows)
+  return jnp.stack([_gram_dot(a, g, _shift(a, d), _shift(g, d)) for d in range(span)])
 
 
 def _band_unit_sum(band: jax.Array, finite: jax.Array, segment_ids, num_units

@@ -24,6 +24,7 @@ def test_default_config_is_valid():
     ("client_sampling_rate", 1.5, "client_sampling_rate=1.5 must be in [0, 1]"),
     ("dp.level", "user", "dp.level='user' must be one of"),
     ("engine.conv", "fft", "engine.conv='fft' must be one of"),
+    ("engine.dp_gather", "dynamic", "engine.dp_gather='dynamic' must be one of"),
     ("server.ema_decay", 1.0, "server.ema_decay=1.0 must be in [0, 1)"),
 ])
 def test_invalid_field_is_named(field, value, message):
