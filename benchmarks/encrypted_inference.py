@@ -77,11 +77,18 @@ def measure(model_name: str, size: int, *, images: int, batch_size: int,
 
 def main(argv=None) -> dict:
   args = _parse(argv)
-  rows = []
-  for model_name, size, images, batch in parse_rows(args.rows):
+  out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                 f"encrypted_inference_{jax.default_backend()}.json")
+  record = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count(), "versions": io.versions(), "complete": False,
+            "rows": []}
+  todo = parse_rows(args.rows)
+  for i, (model_name, size, images, batch) in enumerate(todo):
     row = measure(model_name, size, images=images, batch_size=batch, linear=args.linear)
     row["load_average"] = os.getloadavg()[0]
-    rows.append(row)
+    record["rows"].append(row)
+    record["complete"] = i + 1 == len(todo)
+    io.write_json_atomic(out, record)  # after every row: a run stopped early keeps its rows
     print(f"{model_name:9s} {size:4d} px  batch {row['batch_size']:3d}  "
           f"{row['seconds_per_image'] * 1e3:9.1f} ms/image "
           f"(offline {row['offline_seconds_per_image'] * 1e3:.1f}, online "
@@ -89,14 +96,8 @@ def main(argv=None) -> dict:
           f"{row['online_mb_per_image']:.1f} MB  offline {row['offline_mb_per_image']:.1f} MB  "
           f"{row['rounds']} rounds  compile {row['compile_seconds']:.1f} s  "
           f"load {row['load_average']:.1f}", flush=True)
-  record = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count(), "versions": io.versions(), "rows": rows}
-  out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                 f"encrypted_inference_{jax.default_backend()}.json")
-  io.write_json_atomic(out, record)
   print(f"record in {out}")
   return record
-
 
 if __name__ == "__main__":
   main()

@@ -115,14 +115,17 @@ def test_limb_bilinear_is_bit_identical_to_the_uint64_op():
   # conv (strides 1 and 2, 7x7 and 1x1) and dense equal the wrapping uint64 op bit for bit.
   cases = [("conv", 1, (2, 6, 6, 3), (3, 3, 3, 4)), ("conv", 2, (2, 9, 9, 2), (7, 7, 2, 3)),
            ("conv", 2, (1, 8, 8, 5), (1, 1, 5, 2)), ("dense", 1, (4, 37), (37, 5))]
-  ops = [(network.linear_op(kind, stride), network.linear_op(kind, stride, limbs=True))
-         for kind, stride, _, _ in cases]
-  both = jax.jit(lambda xs, ws: [(op(x, w), limb_op(x, w))
-                                 for (op, limb_op), x, w in zip(ops, xs, ws)])  # one compile
+  # The uint64 reference runs on the CPU (XLA:GPU has no uint64 convolution), the limbs on
+  # the default device: on a GPU this checks cuDNN's float64 convolutions are exact too.
+  def apply(limbs):
+    ops = [network.linear_op(kind, stride, limbs=limbs) for kind, stride, _, _ in cases]
+    return jax.jit(lambda xs, ws: [op(x, w) for op, x, w in zip(ops, xs, ws)])
+
   with ring.x64():
     xs = [_full_range(20 + i, c[2]) for i, c in enumerate(cases)]
     ws = [_full_range(40 + i, c[3]) for i, c in enumerate(cases)]
-    for want, got in both(xs, ws):
+    wants = apply(False)(*jax.device_put((xs, ws), jax.devices("cpu")[0]))
+    for want, got in zip(wants, apply(True)(xs, ws)):
       assert got.dtype == jnp.uint64
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     too_long = jax.ShapeDtypeStruct((1, ring.MAX_REDUCTION + 1), jnp.uint64)
@@ -151,15 +154,16 @@ def test_limbs_protocol_has_no_uint64_convolution_and_equals_the_uint64_one():
   with ring.x64():
     model, masks = network.setup(channels.Channel(), params, jax.random.key(14))
     x = shared(rng.normal(0, 1, (2, 4, 4, 1)))
-    for linear in ("limbs", "uint64"):
+    for linear, device in (("limbs", None), ("uint64", jax.devices("cpu")[0])):
       fn = network.inference_fn(network.sequential(("conv1", "relu", "flatten", "head"),
                                                    linear), "logits")
       offline, online, _ = network.compile_protocol(fn, masks, model, x)
-      material = offline(key)
-      texts = [offline.lower(key).as_text(), online.lower(material, model, x).as_text()]
+      args = jax.device_put((key, model, x), device)  # uint64 convolutions: CPU only
+      material = offline(args[0])
+      texts = [offline.lower(args[0]).as_text(), online.lower(material, *args[1:]).as_text()]
       found = _uint64_linear_ops("\n".join(texts))
       assert (not found) if linear == "limbs" else found  # the check sees uint64 ops
-      outputs[linear] = np.asarray(online(material, model, x)[1])
+      outputs[linear] = np.asarray(online(material, *args[1:])[1])
   np.testing.assert_array_equal(outputs["limbs"], outputs["uint64"])
 
 
