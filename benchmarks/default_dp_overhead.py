@@ -64,8 +64,8 @@ def block_temp_mb(setup: round_lib.Setup) -> float:
   hparams = {**setup.hparams, "clip_norm": state.clip_norm}
   args = (state.params, block.data, block.valid, client_keys, hparams)
   program = setup.block_fn  # bucketed gathers: the program this block runs
-  if hasattr(program, "program_for"):
-    program = program.program_for(block.data, client_keys)
+  if hasattr(program, "kept"):
+    program = program.program_for(int(jax.device_get(program.kept(block.data, client_keys))))
   total = jax.eval_shape(lambda: program(*args))
   compiled = program.compiled.lower(total, *args, None).compile()
   return compiled.memory_analysis().temp_size_in_bytes / 2**20

@@ -203,11 +203,11 @@ def bucketed_block_fn(block_program: Callable, sampler, schedule) -> Callable:
   """A block function that gathers each block's DP-SGD batches in as few rows as hold
   them (`strategy.dp_gather = "bucketed"`).
 
-  The block's kept examples per local step are counted first (`client.batch_sizes`:
-  the same draws, read on the host), then the block runs `block_program(sampler with
-  gather=rows)`, compiled once per size of `gather_rows`. Only the rows change: the
-  same examples are kept, so the result equals the fixed layout's up to float
-  rounding, and the accounting is untouched.
+  The block's kept examples per local step are counted first (`block_fn.kept`:
+  `client.batch_sizes`, the same draws, read on the host), then the block runs
+  `block_program(sampler with gather=rows)`, compiled once per size of `gather_rows`.
+  Only the rows change: the same examples are kept, so the result equals the fixed
+  layout's up to float rounding, and the accounting is untouched.
 
   Args:
     block_program: `sampler -> block_fn` (`make_block_fn` over that sampler's clients).
@@ -215,21 +215,27 @@ def bucketed_block_fn(block_program: Callable, sampler, schedule) -> Callable:
       rows any step can need).
     schedule: the clients' `LocalSchedule`.
   """
-  sizes = jax.jit(jax.vmap(functools.partial(client_lib.batch_sizes, sampler, schedule)))
+  batch_sizes = jax.vmap(functools.partial(client_lib.batch_sizes, sampler, schedule))
+  kept_in_block = jax.jit(lambda data, keys: jnp.max(batch_sizes(data, keys), initial=0))
   programs = {}
 
-  def program_for(data: ClientData, keys) -> Callable:
-    """The block program for this block's batches (device -> host read of the sizes)."""
-    kept = int(np.max(jax.device_get(sizes(data, keys)), initial=0))
+  def program_for(kept: int) -> Callable:
+    """The block program whose steps gather `kept` examples (compiled once per size)."""
     rows = gather_rows(kept, sampler.gather)
     if rows not in programs:
       programs[rows] = block_program(dataclasses.replace(sampler, gather=rows))
     return programs[rows]
 
   def block_fn(params, data: ClientData, valid, keys, hparams,
-               total: Optional[RoundSums] = None, inputs=None) -> RoundSums:
-    return program_for(data, keys)(params, data, valid, keys, hparams, total, inputs)
+               total: Optional[RoundSums] = None, inputs=None,
+               kept: Optional[int] = None) -> RoundSums:
+    """`kept`: this block's `block_fn.kept(data, keys)` if read already (one device ->
+    host read for many blocks, as `round.client_updates` does), else read here."""
+    if kept is None:
+      kept = int(jax.device_get(kept_in_block(data, keys)))
+    return program_for(kept)(params, data, valid, keys, hparams, total, inputs)
 
+  block_fn.kept = kept_in_block  # (data, keys) -> the most examples any active step keeps
   block_fn.program_for = program_for
   block_fn.programs = programs  # gather rows -> block program
   return block_fn

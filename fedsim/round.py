@@ -20,6 +20,7 @@ Host work (ledger, evaluation, writing) happens outside the step.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -46,6 +47,9 @@ from fedsim import client as client_lib
 from fedsim.data.base import FederatedData
 
 PyTree = Any
+# Bucketed DP-SGD gathers: how many clients' block sizes one device -> host read covers
+# (their blocks stay gathered on the device until they run).
+PREFETCH_CLIENTS = 256
 
 
 def hyperparameters(config) -> dict:
@@ -195,21 +199,36 @@ def client_updates(setup: Setup, params: PyTree, cohort: np.ndarray, key: jax.Ar
 
   One call of the compiled block program per block (usually one per round); the
   next block is gathered while the current one computes (async dispatch). With
-  secure aggregation (`secure`), each block's hospitals mask what they send.
+  secure aggregation (`secure`), each block's hospitals mask what they send. With
+  bucketed DP-SGD gathers (`block_fn.kept`), the sizes of up to PREFETCH_CLIENTS
+  clients' blocks are read from the device at once, not one block at a time (each
+  read waits for the blocks before it).
   """
-  total, rows = None, slice(None)
+  rows = slice(None)
   if setup.processes is not None:  # this process's rows of each block; replicated params
     rows = setup.processes.rows
     params, hparams = setup.processes.replicate((params, hparams))
-  for index, block in enumerate(blocks.gather(setup.fed.train, cohort, setup.strategy.block,
-                                              rows)):
-    client_keys = blocks.client_keys(key, block.ids)
-    valid, inputs = block.valid, None
-    if secure is not None:
-      inputs, valid = setup.secure_agg.block_inputs(secure, index, valid)
-      inputs = setup.put(inputs)
-    total = setup.block_fn(params, setup.put(block.data), setup.put(valid),
-                           setup.put(client_keys), hparams, total, inputs)
+
+  def on_device():
+    for index, block in enumerate(blocks.gather(setup.fed.train, cohort,
+                                                setup.strategy.block, rows)):
+      valid, inputs = block.valid, None
+      if secure is not None:
+        inputs, valid = setup.secure_agg.block_inputs(secure, index, valid)
+        inputs = setup.put(inputs)
+      yield (setup.put(block.data), setup.put(valid),
+             setup.put(blocks.client_keys(key, block.ids)), inputs)
+
+  total, kept = None, getattr(setup.block_fn, "kept", None)
+  window = max(1, PREFETCH_CLIENTS // setup.strategy.block) if kept is not None else 1
+  todo = on_device()
+  while group := list(itertools.islice(todo, window)):
+    sizes = (jax.device_get([kept(data, keys) for data, _, keys, _ in group])
+             if kept is not None else [None] * len(group))
+    for (data, valid, client_keys, inputs), size in zip(group, sizes):
+      run = setup.block_fn if size is None else functools.partial(setup.block_fn,
+                                                                   kept=int(size))
+      total = run(params, data, valid, client_keys, hparams, total, inputs)
   return total if setup.processes is None else setup.processes.local(total)
 
 

@@ -51,24 +51,31 @@ def test_flat_layout_keeps_the_same_examples_as_the_fixed_one(unit, max_units):
 @pytest.fixture(scope="module")
 def rounds(tiny_fed):
   """A round of patient-level DP-SGD (the cohort in one block), fixed and bucketed
-  gathers (example level: the same prefix of the same draw, tested above)."""
+  gathers (example level: the same prefix of the same draw, tested above); and a
+  bucketed round of one client a block whose sizes are read two blocks at a time."""
   out = {}
   for level in ("patient",):
-    for gather in ("fixed", "bucketed"):
+    for gather, block, prefetch in (("fixed", 4, 0), ("bucketed", 4, 0),
+                                    ("bucketed_windows", 1, 2)):
       config = tiny_config()
-      config.dp.level, config.engine.dp_gather = level, gather
-      config.engine.shard_clients, config.engine.client_block = False, 4
+      config.dp.level, config.engine.dp_gather = level, gather.split("_")[0]
+      config.engine.shard_clients, config.engine.client_block = False, block
       config_lib.validate(config)
-      setup = round_lib.Setup(config, tiny_fed)
-      state = round_lib.init_state(setup)
-      state, output = round_lib.round_step(setup, state, 1)
+      with pytest.MonkeyPatch.context() as patch:
+        if prefetch:
+          patch.setattr(round_lib, "PREFETCH_CLIENTS", prefetch)
+        setup = round_lib.Setup(config, tiny_fed)
+        state = round_lib.init_state(setup)
+        state, output = round_lib.round_step(setup, state, 1)
       out[level, gather] = setup, state, output
   return out
 
 
-@pytest.mark.parametrize("level", ["patient"])
-def test_bucketed_rounds_train_like_fixed_ones(rounds, level):
-  fixed, bucketed = rounds[level, "fixed"], rounds[level, "bucketed"]
+@pytest.mark.parametrize("level,gather", [("patient", "bucketed"),
+                                          ("patient", "bucketed_windows")])
+def test_bucketed_rounds_train_like_fixed_ones(rounds, level, gather):
+  fixed, bucketed = rounds[level, "fixed"], rounds[level, gather]
+  assert len(bucketed[2].cohort) > 2  # bucketed_windows: more blocks than one read covers
   assert not fixed[0].flat and bucketed[0].flat
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                fixed[1].params, bucketed[1].params)
