@@ -10,8 +10,9 @@ cost does not depend on the values) on IMAGES random PX x PX x 1 images, BATCH i
 per protocol call, after one compilation (reported apart). Per image: offline (dealer)
 and online seconds, online bytes (both parties) and offline bytes (what the dealer
 sends party 1), and the rounds of one call. Default rows: the small CNNs at 28 px
-(256 images, batch 64) and 64 px (64, batch 16), ResNet-18 at 224 px (1 image: its
-compilation took 24 minutes on a 2-core CPU). --linear: how linear layers are computed
+(256 images, batch 64) and 64 px (64, batch 16), ResNet-18 at 224 px (1 image; compiled in
+pieces, 25 s on a 2-core CPU: it was 24 minutes as one program). "compile" includes tracing
+the protocol (network.compile_protocol). --linear: how linear layers are computed
 (network.use_limbs). Writes benchmarks/results/encrypted_inference_<backend>.json (--out
 to override), with the device, the load average and versions.
 """

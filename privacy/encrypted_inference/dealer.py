@@ -16,12 +16,14 @@ XOR share, and party 0's share of each computed value); the dealer sends party 1
 the correction of each value it computes (C, c = a b, w = u & v, the bit's ring share).
 
 The protocol asks for material through a dealer object: a `Recorder` lists the
-requests while the protocol is traced (and counts their bytes), `generate` makes
-the material of such a list (jitted, timed as the offline phase), and `Replay`
-hands it to the online phase in the same order. Each request's words come from XLA's
-RngBitGenerator (`rbg` keys, 2.3x threefry's rate on the CPU), one draw per party, keyed
-by fold_in(fold_in(seed, party), request index), small requests sharing one draw
-(OWN_DRAW_WORDS; docs/encrypted_inference.md says what the generator means for security).
+requests (and the protocol's pieces, network.compile_protocol) while the protocol is
+traced and counts their bytes, `group` makes the material of consecutive requests (one
+compiled program per piece, timed as the offline phase; `generate` of a whole list), and
+`Replay` hands it to the online phase in the same order (`Pieces` to compiled pieces).
+Each request's words come from XLA's RngBitGenerator (`rbg` keys, 2.3x threefry's rate
+on the CPU), one draw per party, keyed by fold_in(fold_in(seed, party), request index),
+small requests sharing one draw (OWN_DRAW_WORDS; docs/encrypted_inference.md says what
+the generator means for security).
 """
 
 from __future__ import annotations
@@ -129,42 +131,117 @@ def party_words(key: jax.Array, party: int, index: int, n: int) -> jax.Array:
   return ring.random_ring(jax.random.wrap_key_data(seed, impl="rbg"), (n,))
 
 
-# Op by op (not under an outer jit), one compilation per request shape.
-_material_jit = jax.jit(_material, static_argnums=(0, 1))
-
 # A request of at least this many words gets its own draw per party: slicing one draw for
 # everything made the offline phase 1.5x slower (cnn_tanh, batch 64); the small requests
 # share one draw (each draw is a compiled RNG op: compilation time).
 OWN_DRAW_WORDS = 1 << 16
 
 
-def generate(requests: list[tuple[Request, tuple]], masks: dict, key: jax.Array, *,
-             op_by_op: bool = False) -> list[tuple]:
-  """The material of `requests` ((request, output shape) pairs), in order."""
-  material = _material_jit if op_by_op else _material
-  sizes = [_words(r, shape) for r, shape in requests]
-  small = [size for size in sizes if sum(size) < OWN_DRAW_WORDS]
-  shared = [party_words(key, j, len(requests), sum(size[j] for size in small)) for j in (0, 1)]
-  at, out = [0, 0], []
-  for i, ((r, shape), size) in enumerate(zip(requests, sizes)):
-    if sum(size) >= OWN_DRAW_WORDS:
-      words = [party_words(key, j, i, size[j]) for j in (0, 1)]
+def draw_offsets(requests) -> tuple[list, tuple[int, int]]:
+  """Where each request's words come from: None (its own draw per party) or its offsets
+  (party 0, party 1) in the draw the small requests share; and that draw's sizes."""
+  at, out = (0, 0), []
+  for r, shape in requests:
+    size = _words(r, shape)
+    out.append(None if sum(size) >= OWN_DRAW_WORDS else at)
+    if sum(size) < OWN_DRAW_WORDS:
+      at = (at[0] + size[0], at[1] + size[1])
+  return out, at
+
+
+def shared_words(key: jax.Array, requests) -> list[jax.Array]:
+  """Each party's draw shared by the small requests (keyed by the number of requests)."""
+  sizes = draw_offsets(requests)[1]
+  return [party_words(key, j, len(requests), sizes[j]) for j in (0, 1)]
+
+
+def signature(requests) -> tuple:
+  """`requests` without their layer names: what a group's program depends on (the layers'
+  masks are its arguments, `group_masks`)."""
+  return tuple((r._replace(layer=""), shape) for r, shape in requests)
+
+
+def group_masks(requests, masks: dict) -> list[jax.Array]:
+  """The masks of the linear requests among `requests`, in order."""
+  return [masks[r.layer] for r, _ in requests if r.kind == "linear"]
+
+
+def group(requests: tuple, key: jax.Array, first, shared: list, base, masks: list) -> list:
+  """The material of consecutive `requests` (a `signature`), the first one being request
+  number `first` of the protocol and its small requests' words starting at `base`
+  (party 0, party 1) in the `shared` draws. `first` and `base` may be traced, so groups
+  of the same signature share one compiled program."""
+  masks, out = iter(masks), []
+  for i, ((r, shape), at) in enumerate(zip(requests, draw_offsets(requests)[0])):
+    size = _words(r, shape)
+    if at is None:
+      words = [party_words(key, j, first + i, size[j]) for j in (0, 1)]
     else:
-      words = [shared[j][at[j]:at[j] + size[j]] for j in (0, 1)]
-      at = [at[j] + size[j] for j in (0, 1)]
-    out.append(material(r, shape, masks.get(r.layer), *words))
+      words = [jax.lax.dynamic_slice_in_dim(shared[j], base[j] + at[j], size[j])
+               for j in (0, 1)]
+    out.append(_material(r, shape, next(masks) if r.kind == "linear" else None, *words))
   return out
 
 
+group_jit = jax.jit(group, static_argnums=0)
+
+
+def generate(requests: list[tuple[Request, tuple]], masks: dict, key: jax.Array, *,
+             op_by_op: bool = False) -> list[tuple]:
+  """The material of `requests` ((request, output shape) pairs), in order: as one
+  program, or `op_by_op` one compiled program per request signature."""
+  shared = shared_words(key, requests)
+  if not op_by_op:
+    return group(signature(requests), key, 0, shared, (0, 0), group_masks(requests, masks))
+  out = []
+  for i, (request, at) in enumerate(zip(requests, draw_offsets(requests)[0])):
+    out += group_jit(signature([request]), key, i, shared, at or (0, 0),
+                     group_masks([request], masks))
+  return out
+
+
+class Piece(NamedTuple):
+  """A call of `fn(ch, dealer, *args)` that one compiled program runs (network.py): its
+  requests are `requests[start:stop]`, `args` its arguments' shapes."""
+  fn: Callable
+  start: int
+  stop: int
+  args: tuple
+
+
+def shapes(tree):
+  """ShapeDtypeStructs of the arrays in `tree`."""
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), tree)
+
+
 class Recorder:
-  """Lists what the protocol asks for and counts party 1's bytes; returns zeros."""
+  """Lists what the protocol asks for and counts party 1's bytes; returns zeros. Also
+  lists the protocol's pieces and the shapes of each request's material."""
 
   def __init__(self, channel: channels.Channel):
     self.requests: list[tuple[Request, tuple]] = []
+    self.material: list[tuple] = []  # shapes
+    self.pieces: list[Piece] = []
     self.channel = channel
 
+  def piece(self, ch, fn: Callable, *args, layer: str = ""):
+    """Runs `fn(ch, self, *args)` as one piece (pieces do not nest); its linear requests
+    use the mask of `layer` (kept out of `fn`, so same-shaped layers share a program)."""
+    start = len(self.requests)
+    out = fn(ch, self, *args)
+    for i in range(start, len(self.requests)):
+      if self.requests[i][0].kind == "linear":
+        self.requests[i] = (self.requests[i][0]._replace(layer=layer), self.requests[i][1])
+    self.pieces.append(Piece(fn, start, len(self.requests), shapes(args)))
+    return out
+
   def __call__(self, request: Request, out_shape: tuple = ()) -> tuple:
+    out = self._zeros(request, out_shape)
     self.requests.append((request, out_shape))
+    self.material.append(shapes(out))
+    return out
+
+  def _zeros(self, request: Request, out_shape: tuple) -> tuple:
     n = _size(request.shape)
     zeros = lambda shape: jnp.zeros((2, *shape), ring.DTYPE)
     # Sent: party 1's correction of the one value the dealer computes (C, c, w, the bit's
@@ -189,7 +266,7 @@ class Recorder:
 
 
 class Replay:
-  """Hands out generated material in the order it was requested."""
+  """Hands out generated material in the order it was requested; runs pieces in line."""
 
   def __init__(self, material: list[tuple]):
     self._material = iter(material)
@@ -197,6 +274,24 @@ class Replay:
   def __call__(self, request: Request, out_shape: tuple = ()) -> tuple:
     del request, out_shape  # same order as recorded
     return next(self._material)
+
+  def piece(self, ch, fn: Callable, *args, layer: str = ""):
+    del layer  # the material is already made
+    return fn(ch, self, *args)
+
+
+class Pieces(Replay):
+  """Replay whose pieces run compiled: `programs` are the recorded pieces' (number of
+  requests, program(material, *args)), in order."""
+
+  def __init__(self, material: list[tuple], programs: list[tuple[int, Callable]]):
+    super().__init__(material)
+    self._programs = iter(programs)
+
+  def piece(self, ch, fn: Callable, *args, layer: str = ""):
+    del ch, fn, layer  # the program is the recorded piece's
+    n, program = next(self._programs)
+    return program([next(self._material) for _ in range(n)], *args)
 
 
 def _size(shape) -> int:

@@ -30,6 +30,8 @@ per image and group.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,16 +72,36 @@ def _shift(v: jax.Array, bits: int) -> jax.Array:
 
 def group_norm(ch, dealer, x: jax.Array, scale: jax.Array, bias: jax.Array,
                groups: int) -> jax.Array:
-  """GroupNorm of `[2, B, H, W, C]` with shared scale and bias `[2, C]` (module doc)."""
-  _, b, h, w, c = x.shape
-  n = h * w * (c // groups)
-  xg = x.reshape(2, b, h, w, groups, c // groups)
-  mean = ring.divide_public(xg.sum((2, 3, 5)), n)  # [2, B, G]
-  d = xg - mean[:, :, None, None, :, None]
-  squares = protocol.mul(ch, dealer, d, d, fixed=False).sum((2, 3, 5))  # 24 fraction bits
-  var = ring.divide_public(squares, n, 2 * ring.FRAC_BITS - VAR_BITS)
-  inv = inverse_sqrt(ch, dealer, var)  # [2, B, G], 12 + EXTRA_BITS fraction bits
-  inv = jnp.repeat(inv, c // groups, axis=2)  # [2, B, C]
+  """GroupNorm of `[2, B, H, W, C]` with shared scale and bias `[2, C]` (module doc), in
+  three pieces (dealer.piece): the statistics, `inverse_sqrt` (on `[2, B, G]`: one
+  program for every layer) and the normalisation."""
+  d, var = dealer.piece(ch, _statistics(groups), x)
+  inv = dealer.piece(ch, inverse_sqrt, var)  # [2, B, G], 12 + EXTRA_BITS fraction bits
+  return dealer.piece(ch, _normalize, d, inv, scale, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _statistics(groups: int):
+  """The piece `fn(ch, dealer, x) -> (x - mean [2, B, H, W, G, C / G], variance [2, B, G])`
+  of `groups` groups."""
+
+  def fn(ch, dealer, x):
+    _, b, h, w, c = x.shape
+    n = h * w * (c // groups)
+    xg = x.reshape(2, b, h, w, groups, c // groups)
+    mean = ring.divide_public(xg.sum((2, 3, 5)), n)  # [2, B, G]
+    d = xg - mean[:, :, None, None, :, None]
+    squares = protocol.mul(ch, dealer, d, d, fixed=False).sum((2, 3, 5))  # 24 fraction bits
+    return d, ring.divide_public(squares, n, 2 * ring.FRAC_BITS - VAR_BITS)
+
+  return fn
+
+
+def _normalize(ch, dealer, d, inv, scale, bias):
+  """(x - mean) * inv * scale + bias `[2, B, H, W, C]` from `_statistics`' d."""
+  _, b, h, w, groups, size = d.shape
+  inv = jnp.repeat(inv, size, axis=2)  # [2, B, C]
   factor = protocol.mul(ch, dealer, inv, jnp.broadcast_to(scale[:, None], inv.shape))
-  y = protocol.mul(ch, dealer, d.reshape(x.shape), factor[:, :, None, None], fixed=False)
+  y = protocol.mul(ch, dealer, d.reshape(2, b, h, w, groups * size), factor[:, :, None, None],
+                   fixed=False)
   return ring.truncate(y, ring.FRAC_BITS + EXTRA_BITS) + bias[:, None, None, None]

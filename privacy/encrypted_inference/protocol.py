@@ -54,7 +54,7 @@ def linear(ch, dealer, x: jax.Array, w: jax.Array, f: jax.Array, bias: jax.Array
 
 
 # The parties' local work between messages is jitted per step: one compilation per
-# shape instead of one per primitive when the protocol runs op by op (tests).
+# shape instead of one per primitive when the protocol runs op by op (--nojit).
 @functools.partial(jax.jit, static_argnums=0)
 def _linear_local(op, x, w, f, a, c):
   e = ring.reconstruct(x - a)  # opened

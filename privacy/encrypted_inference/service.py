@@ -131,13 +131,9 @@ def encrypted_predict(model_name: str, params, images: np.ndarray, *, batch_size
     batch = min(batch_size, n)
     share = jax.jit(lambda k, x: ring.share(k, ring.encode(x)))
     example = share(key, jnp.zeros((batch, *images.shape[1:]), jnp.float32))
+    start = time.perf_counter()
     offline, online, counts = network.compile_protocol(with_input, masks, model, example,
                                                        jit=jit)
-    start = time.perf_counter()
-    if jit:
-      material = jax.eval_shape(offline, key)
-      offline = offline.lower(key).compile()
-      online = online.lower(material, model, example).compile()
     compile_s = time.perf_counter() - start
     labels, logits, t_off, t_on = [], [], 0.0, 0.0
     bar = tqdm(range(0, n, batch), desc="encrypted batches", unit="batch", disable=not progress,
