@@ -222,13 +222,13 @@ def replay_ledger(ledger, config, last_round: int, *, snapshot_rounds=()) -> Non
 def ledger_preview(config):
   """The per-hospital ledger a run of `config` would end with (None without DP).
 
-  Builds the federation and replays the run's cohorts; exact unless
+  Builds the run's federation (canaries included) and replays its cohorts; exact unless
   `dp.target_epsilon` stops the run early.
   """
-  from fedsim.data import make_federated_data  # pylint: disable=import-outside-toplevel
+  from fedsim import simulation  # pylint: disable=import-outside-toplevel (imports this)
   config_lib.validate(config)
   if config.dp.level == "none":
     return None
-  ledger = make_plan(config, make_federated_data(config), apply_fn=None).new_ledger()
+  ledger = make_plan(config, simulation.federate(config)[0], apply_fn=None).new_ledger()
   replay_ledger(ledger, config, config.num_rounds, snapshot_rounds={config.num_rounds})
   return ledger

@@ -27,6 +27,7 @@ from fedsim import config as config_lib
 from fedsim import round as round_lib
 from fedsim import workdir as workdir_lib
 from fedsim.data import make_federated_data
+from fedsim.data.base import FederatedData
 from fedsim.round import Setup
 from privacy.secure_agg.protocol import SecureAggregationError
 
@@ -53,11 +54,19 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   parameters) is raised here, before any compute and before anything is written.
   """
   config_lib.validate(config)
+  return Setup(config, *federate(config))
+
+
+def federate(config: ml_collections.ConfigDict
+             ) -> tuple[FederatedData, canaries_lib.Canaries | None]:
+  """The data a run of `config` trains on: the federation, with the audit's canaries
+  inserted as patients when `audit.enabled` (they change their hospitals' sampling rates,
+  so the ledger preview must see them too), and the canaries (None without)."""
   fed = make_federated_data(config)
   if not config.audit.enabled:
-    return Setup(config, fed)
+    return fed, None
   canaries = canaries_lib.make(config.audit, fed, config.seed)
-  return Setup(config, canaries_lib.insert(fed, canaries), canaries)
+  return canaries_lib.insert(fed, canaries), canaries
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,

@@ -172,6 +172,9 @@ def test_audited_run_writes_the_bound_beside_epsilon(audited_run):
   assert summary["audit"]["kind"] == "gradient" and summary["audit"]["num_canaries"] == 800
   line = simulation.format_summary(summary, workdir).splitlines()[2]
   assert line.startswith("audit: epsilon >= ") and "800 gradient canaries" in line
+  # The canaries are patients of their hospital, so they change its sampling rate: the
+  # ledger preview (compute_epsilon --config) must account the data the run trained on.
+  assert privacy_plan.ledger_preview(_audit_config()).max_epsilon() == summary["epsilon"]
 
 
 def test_audit_catches_dp_sgd_with_noise_scaled_down_tenfold(audited_run):
