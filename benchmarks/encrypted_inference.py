@@ -100,5 +100,6 @@ def main(argv=None) -> dict:
   print(f"record in {out}")
   return record
 
+
 if __name__ == "__main__":
   main()

@@ -219,16 +219,17 @@ def client_updates(setup: Setup, params: PyTree, cohort: np.ndarray, key: jax.Ar
       yield (setup.put(block.data), setup.put(valid),
              setup.put(blocks.client_keys(key, block.ids)), inputs)
 
-  total, kept = None, getattr(setup.block_fn, "kept", None)
-  window = max(1, PREFETCH_CLIENTS // setup.strategy.block) if kept is not None else 1
-  todo = on_device()
-  while group := list(itertools.islice(todo, window)):
-    sizes = (jax.device_get([kept(data, keys) for data, _, keys, _ in group])
-             if kept is not None else [None] * len(group))
-    for (data, valid, client_keys, inputs), size in zip(group, sizes):
-      run = setup.block_fn if size is None else functools.partial(setup.block_fn,
-                                                                   kept=int(size))
-      total = run(params, data, valid, client_keys, hparams, total, inputs)
+  total, todo, kept = None, on_device(), getattr(setup.block_fn, "kept", None)
+  if kept is None:
+    for data, valid, client_keys, inputs in todo:
+      total = setup.block_fn(params, data, valid, client_keys, hparams, total, inputs)
+  else:  # bucketed gathers: one read of the sizes for a window of blocks
+    window = max(1, PREFETCH_CLIENTS // setup.strategy.block)
+    while group := list(itertools.islice(todo, window)):
+      sizes = jax.device_get([kept(data, keys) for data, _, keys, _ in group])
+      for (data, valid, client_keys, inputs), size in zip(group, sizes):
+        total = setup.block_fn(params, data, valid, client_keys, hparams, total, inputs,
+                               kept=int(size))
   return total if setup.processes is None else setup.processes.local(total)
 
 

@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from absl import flags
@@ -93,3 +94,13 @@ def test_bad_flag_is_refused(trained_run):
     service.run_service(trained_run, limit=-1)
   with pytest.raises(ValueError, match="--linear='gpu' must be one of"):
     service.run_service(trained_run, linear="gpu")
+
+
+def test_disagreement_margins_lead_with_the_largest_gap():
+  # 30 flipped images with plaintext top-2 gaps 0.01 .. 0.30: the record keeps the 20
+  # largest, largest first, so the summary's bound covers every flip.
+  gaps = np.arange(1, 31) / 100
+  plain = np.stack([gaps, np.zeros(30), np.full(30, -1.0)], -1)  # plaintext says class 0
+  out = service._metrics(np.ones(30, int), None, plain, None)  # encrypted says class 1
+  assert out["disagreements"] == 30
+  np.testing.assert_allclose(out["disagreement_margins"], gaps[::-1][:20])
