@@ -339,6 +339,7 @@ def test_group_norm_within_stated_error():
   np.testing.assert_array_less(np.abs(got - want), bound)
 
 
+@pytest.mark.slow  # ~20 s, 35 s under -n 2 (the suite budget); pieces: test_encrypted_compile
 def test_resnet18_encrypted_logits_match_plaintext_on_a_tiny_input():
   # fedsim.models.ResNet18 at width 8 (channels 8 to 64), 8 px: stem, GroupNorm, strided
   # convolutions, 1x1 projections, residual sums, global mean, head. Compiled in pieces
