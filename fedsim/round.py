@@ -35,6 +35,7 @@ from fedsim import (
   blocks,
   evaluation,
   keys,
+  lowering,
   models,
   privacy_plan,
   sampling,
@@ -88,6 +89,7 @@ class Setup:
                canaries: canaries_lib.Canaries | None = None):
     # `canaries` (audit.enabled): already in `fed`; gradient canaries also enter DP-SGD.
     self.config, self.fed, self.canaries = config, fed, canaries
+    lowering.unroll_threefry_on_cpu()  # DP noise: the same bits, fused into the round
     steps = client_lib.schedule_from_config(config.client, fed.train.max_examples).num_steps
     # Several processes (launch.py --distributed): one client mesh over all their devices.
     distributed = jax.process_count() > 1
