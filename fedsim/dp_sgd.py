@@ -31,7 +31,7 @@ def batch_groups(patients: jax.Array, mask: jax.Array) -> jax.Array:
 
 def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
                     microbatch_size: int, patient_slots: int = 0,
-                    patient_span: int = 0) -> client_lib.GradientFn:
+                    patient_span: int = 0, ghost_rows: int = 0) -> client_lib.GradientFn:
   """DP-SGD step gradient: clip per unit, sum, noise, divide by expected units.
 
   Patients, by the sampler's layout (privacy/sampling.py): `patient_slots > 0`,
@@ -40,6 +40,7 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
   layout, a patient's images adjacent (at most that many) and named by
   `batch.units`; otherwise patients are found by id anywhere in the batch. The
   step's metrics (loss, accuracy) come from the clipping pass's own forward.
+  `ghost_rows`: ghost clipping over row blocks of this size (the same result).
   """
 
   def per_example_loss_and_metrics(params, batch):
@@ -67,7 +68,8 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
         per_example_loss_and_metrics, params,
         {"x": batch.x, "y": batch.y, "w": batch.mask}, batch.mask,
         clip_norm=hparams["clip_norm"], method=method,
-        microbatch_size=microbatch_size or None, has_aux=True, **units_of(batch))
+        microbatch_size=microbatch_size or None, has_aux=True,
+        ghost_rows=ghost_rows if method == "ghost" else 0, **units_of(batch))
     grad = clipping.privatize(
         grad_sum, key, clip_norm=hparams["clip_norm"],
         noise_multiplier=hparams["noise_multiplier"],

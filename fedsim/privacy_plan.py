@@ -103,13 +103,14 @@ def check_model(variables, level: str) -> None:
 
 
 def make_plan(config, fed: FederatedData, apply_fn: Optional[Callable], *,
-              flat: bool = False) -> PrivacyPlan:
+              flat: bool = False, ghost_rows: int = 0) -> PrivacyPlan:
   """The privacy plan of `config` for the federation `fed` (validates first).
 
   `apply_fn=None` builds a plan for accounting only (its grad_fn is unusable).
   `flat=True`: DP-SGD batches in the sampler's flat layout (the engine then sets
   its `gather` per block, `engine.dp_gather='bucketed'`); the same sampling and
-  DpEvent as the default layouts.
+  DpEvent as the default layouts. `ghost_rows`: ghost clipping's row blocks
+  (`clipping.clipped_grad_sum`; the engine's `Strategy.ghost_rows`), the same result.
   """
   level = config.dp.level
   if level == "none":
@@ -117,7 +118,7 @@ def make_plan(config, fed: FederatedData, apply_fn: Optional[Callable], *,
                        config.server.weighting, None, plain_mean)
   if level == "client":
     return _client_level_plan(config, apply_fn)
-  return _local_plan(config, fed, apply_fn, level, flat)
+  return _local_plan(config, fed, apply_fn, level, flat, ghost_rows)
 
 
 def local_sampling(config, fed: FederatedData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,7 +134,8 @@ def local_sampling(config, fed: FederatedData) -> tuple[np.ndarray, np.ndarray, 
   return rates.astype(np.float64), steps.astype(np.int64), units
 
 
-def _local_plan(config, fed, apply_fn, level, flat: bool = False) -> PrivacyPlan:
+def _local_plan(config, fed, apply_fn, level, flat: bool = False,
+                ghost_rows: int = 0) -> PrivacyPlan:
   rates, steps, units = local_sampling(config, fed)
   validation.validate_dp_params(
       noise_multiplier=config.dp.noise_multiplier, sampling_rate=float(rates.max()),
@@ -159,7 +161,7 @@ def _local_plan(config, fed, apply_fn, level, flat: bool = False) -> PrivacyPlan
   patient = level == "patient"
   grad_fn = dp_sgd.dp_sgd_gradient(
       apply_fn, unit=level, method=config.dp.clipping,
-      microbatch_size=config.dp.microbatch_size,
+      microbatch_size=config.dp.microbatch_size, ghost_rows=ghost_rows,
       patient_slots=sampler.unit_images if patient and truncated and not flat else 0,
       patient_span=sampler.unit_images if patient and flat else 0)
   return PrivacyPlan(level, grad_fn, sampler, config.server.weighting, None, plain_mean,

@@ -114,7 +114,8 @@ class Setup:
     # patients found by id is not sliced).
     self.flat = self.strategy.dp_gather == "bucketed" and (dp.level == "example" or (
         dp.level == "patient" and dp.clipping == "ghost" and not dp.microbatch_size))
-    self.plan = privacy_plan.make_plan(config, fed, self.apply_fn, flat=self.flat)
+    self.plan = privacy_plan.make_plan(config, fed, self.apply_fn, flat=self.flat,
+                                       ghost_rows=self.strategy.ghost_rows)
     grad_fn = self.plan.grad_fn
     if canaries is not None and canaries.kind == "gradient":
       grad_fn = canaries_lib.with_gradient_canaries(grad_fn, canaries, params_shape)

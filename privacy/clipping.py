@@ -24,6 +24,7 @@ book-keeps the clipped sum (see privacy/ghost.py for the layers it supports).
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, NamedTuple
 
@@ -225,8 +226,8 @@ def _example_core_vmap(loss_fn, params, batch, valid, clip_norm, has_aux=False):
   return _weighted_sum(factors, ok, grads), counts, aux
 
 
-def _example_core_ghost(loss_fn, params, batch, valid, clip_norm, has_aux=False):
-  terms = ghost.record(loss_fn, params, batch, valid, has_aux=has_aux)
+def _example_core_ghost(loss_fn, params, batch, valid, clip_norm, has_aux=False, rows=0):
+  terms = ghost.record(loss_fn, params, batch, valid, has_aux=has_aux, rows=rows)
   factors, _, counts = _clip_factors(terms.unit_sq_norms, valid,
                                      terms.example_finite, clip_norm)
   aux = jax.tree.map(lambda a: jnp.sum(jnp.where(valid, a, 0)), terms.aux or {})
@@ -256,13 +257,14 @@ def _unit_core_vmap(loss_fn, params, units, valid, clip_norm, has_aux=False):
                             clip_norm, has_aux)
 
 
-def _unit_core_ghost(loss_fn, params, units, valid, clip_norm, has_aux=False):
+def _unit_core_ghost(loss_fn, params, units, valid, clip_norm, has_aux=False, rows=0):
   """Ghost norms per unit of `k` slots, from one per-example forward and backward."""
   batch, slot_valid = units
   u, k = slot_valid.shape
   flat = jax.tree.map(lambda x: x.reshape((u * k,) + x.shape[2:]), batch)
   flat_valid = slot_valid.reshape(-1)
-  terms = ghost.record(loss_fn, params, flat, flat_valid, unit_size=k, has_aux=has_aux)
+  terms = ghost.record(loss_fn, params, flat, flat_valid, unit_size=k, has_aux=has_aux,
+                       rows=rows and max(rows // k, 1) * k)
   factors, _, counts = _clip_factors(terms.unit_sq_norms, valid,
                                      terms.example_finite, clip_norm)
   aux = jax.tree.map(lambda a: jnp.sum(jnp.where(flat_valid, a, 0)), terms.aux or {})
@@ -322,7 +324,7 @@ def _unit_grads_vmap(loss_fn, params, batch, valid, seg, num_groups,
 
 
 def _grouped(loss_fn, params, batch, valid, groups, num_groups, clip_norm,
-             method, microbatch_size, has_aux=False, unit_span=0):
+             method, microbatch_size, has_aux=False, unit_span=0, ghost_rows=0):
   """Clipped sum over patients (units = groups), and the aux sums."""
   seg = jnp.where(valid, groups, num_groups).astype(jnp.int32)
   members = jax.ops.segment_sum(valid.astype(jnp.int32), seg,
@@ -335,7 +337,7 @@ def _grouped(loss_fn, params, batch, valid, groups, num_groups, clip_norm,
                                         True, clip_norm)
     return _weighted_sum(factors, ok, unit_grads), counts, aux
   terms = ghost.record(loss_fn, params, batch, valid, seg, num_groups,
-                       unit_span=unit_span, has_aux=has_aux)
+                       unit_span=unit_span, has_aux=has_aux, rows=ghost_rows)
   bad = jax.ops.segment_sum((~terms.example_finite).astype(jnp.int32), seg,
                             num_groups + 1)[:num_groups]
   factors, _, counts = _clip_factors(terms.unit_sq_norms, unit_valid, bad == 0,
@@ -359,6 +361,7 @@ def clipped_grad_sum(
     has_aux: bool = False,
     unit_size: int = 1,
     unit_span: int = 0,
+    ghost_rows: int = 0,
 ) -> tuple[PyTree, ClipStats] | tuple[PyTree, ClipStats, PyTree]:
   """Sum over privacy units of gradients clipped to L2 norm `clip_norm`.
 
@@ -398,6 +401,9 @@ def clipped_grad_sum(
       `unit_span` of them (the flat layout of `privacy.sampling`): ghost norms
       pair each example with its `unit_span - 1` successors only, not all `M`.
       0: units anywhere in the batch.
+    ghost_rows: method="ghost": run its passes over this many examples at a time
+      (unrolled, the same result; `ghost.record(rows=...)`): on XLA:CPU 16 rows
+      stay in cache and beat the whole batch. 0: the whole batch at once.
 
   Returns:
     `(grad_sum, stats)`: the clipped sum (pytree like params) and ClipStats;
@@ -423,6 +429,8 @@ def clipped_grad_sum(
   valid = mask.astype(bool)
   if not isinstance(unit_span, int) or unit_span < 0 or (unit_span and groups is None):
     raise ValueError(f"unit_span={unit_span} must be an int >= 0, and > 0 only with groups")
+  if not isinstance(ghost_rows, int) or ghost_rows < 0:
+    raise ValueError(f"ghost_rows={ghost_rows} must be an int >= 0")
   if not isinstance(unit_size, int) or unit_size < 1 or m % unit_size:
     raise ValueError(f"unit_size={unit_size} must be an int >= 1 dividing M={m}")
   if unit_size > 1 and groups is not None:
@@ -446,7 +454,7 @@ def clipped_grad_sum(
   if groups is not None:
     total, counts, aux = _grouped(per_example_loss_fn, params, batch, valid,
                                   groups, num_groups, clip_norm, method,
-                                  microbatch_size, has_aux, unit_span)
+                                  microbatch_size, has_aux, unit_span, ghost_rows)
   else:
     if unit_size > 1:
       unit_core = {"vmap": _unit_core_vmap, "ghost": _unit_core_ghost}[method]
@@ -456,6 +464,9 @@ def clipped_grad_sum(
       valid = jnp.any(slots, axis=1)
     else:
       unit_core = {"vmap": _example_core_vmap, "ghost": _example_core_ghost}[method]
+
+    if method == "ghost":
+      unit_core = functools.partial(unit_core, rows=ghost_rows)
 
     def core(p, b, v):
       return unit_core(per_example_loss_fn, p, b, v, clip_norm, has_aux)

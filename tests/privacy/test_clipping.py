@@ -59,13 +59,13 @@ def _setup(conv: str):
 
 
 def _clipped(conv: str, method: str, grouped: bool = False,
-             microbatch_size: int | None = None):
+             microbatch_size: int | None = None, ghost_rows: int = 0):
   """Jitted clipped_grad_sum(params, batch, mask, groups, clip_norm)."""
-  return _clipped_cached(conv, method, grouped, microbatch_size)
+  return _clipped_cached(conv, method, grouped, microbatch_size, ghost_rows)
 
 
 @functools.cache  # one compilation per variant for the whole module
-def _clipped_cached(conv, method, grouped, microbatch_size):
+def _clipped_cached(conv, method, grouped, microbatch_size, ghost_rows):
   """`grouped`: False, True (patients by id) or "span" (GROUPS' runs are adjacent,
   at most 3 images: the flat layout's banded Gram pairs)."""
   loss_fn = _loss_fn(_setup(conv)[0])
@@ -75,7 +75,8 @@ def _clipped_cached(conv, method, grouped, microbatch_size):
         loss_fn, params, batch, mask, clip_norm=clip_norm,
         groups=groups if grouped else None,
         num_groups=NUM_GROUPS if grouped else None, method=method,
-        microbatch_size=microbatch_size, unit_span=3 if grouped == "span" else 0)
+        microbatch_size=microbatch_size, unit_span=3 if grouped == "span" else 0,
+        ghost_rows=ghost_rows)
   return jax.jit(fn)
 
 
@@ -149,6 +150,21 @@ def test_matches_python_loop_reference(method, grouped):
   assert int(stats.num_clipped) == int(np.sum(norms > clip))
   assert 0 < int(stats.num_clipped) < len(norms)
   assert int(stats.num_nonfinite) == 0
+  np.testing.assert_allclose(float(stats.mean_norm), norms.mean(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("grouped", [False, True, "span"])
+def test_ghost_row_blocks_match_python_loop_reference(grouped):
+  """Blocks of 3 rows (3, 3, 2; patients 1 and 2 cut by block edges) change nothing."""
+  groups = GROUPS if grouped else None
+  clip = _median_clip("patches", groups)
+  want, norms = _reference("patches", MASK, clip, groups)
+  _, params, batch = _setup("patches")
+  got, stats = _clipped("patches", "ghost", grouped, ghost_rows=3)(
+      params, batch, MASK, GROUPS, clip)
+  _assert_trees_close(got, want)
+  assert int(stats.num_units) == len(norms)
+  assert int(stats.num_clipped) == int(np.sum(norms > clip))
   np.testing.assert_allclose(float(stats.mean_norm), norms.mean(), rtol=1e-4)
 
 
@@ -367,19 +383,21 @@ def _loss_and_metrics(model):
 
 
 @functools.cache
-def _slotted(method: str, microbatch_size: int | None):
+def _slotted(method: str, microbatch_size: int | None, ghost_rows: int = 0):
   model = _setup("patches")[0]
 
   def fn(params, batch, mask, clip_norm):
     return clipping.clipped_grad_sum(
         _loss_and_metrics(model), params, batch, mask, clip_norm=clip_norm,
-        method=method, microbatch_size=microbatch_size, has_aux=True, unit_size=SLOT)
+        method=method, microbatch_size=microbatch_size, has_aux=True, unit_size=SLOT,
+        ghost_rows=ghost_rows)
   return jax.jit(fn)
 
 
-@pytest.mark.parametrize("method,microbatch_size",
-                         [("vmap", None), ("ghost", None), ("ghost", 3)])
-def test_unit_slots_match_python_loop_reference(method, microbatch_size):
+@pytest.mark.parametrize("method,microbatch_size,ghost_rows",
+                         [("vmap", None, 0), ("ghost", None, 0), ("ghost", 3, 0),
+                          ("ghost", None, 3)])  # blocks of whole slots: 2 rows
+def test_unit_slots_match_python_loop_reference(method, microbatch_size, ghost_rows):
   """Runs of SLOT examples are one unit; masked slots and empty units add nothing."""
   slots = np.arange(M) // SLOT
   clip = _median_clip("patches", slots.astype(np.int32))
@@ -387,7 +405,7 @@ def test_unit_slots_match_python_loop_reference(method, microbatch_size):
   _, params, batch = _setup("patches")
   x = np.array(batch["x"])
   x[~SLOT_MASK] = np.nan  # padded slots' content must not matter
-  got, stats, aux = _slotted(method, microbatch_size)(
+  got, stats, aux = _slotted(method, microbatch_size, ghost_rows)(
       params, {"x": x, "y": batch["y"]}, SLOT_MASK, clip)
   _assert_trees_close(got, want)
   assert int(stats.num_units) == len(norms) == 3
@@ -488,6 +506,9 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="num_groups"):
     clipping.clipped_grad_sum(loss_fn, params, batch, MASK, clip_norm=1.0,
                               groups=GROUPS)
+  with pytest.raises(ValueError, match="ghost_rows=-1"):
+    clipping.clipped_grad_sum(loss_fn, params, batch, MASK, clip_norm=1.0, method="ghost",
+                              ghost_rows=-1)
   with pytest.raises(ValueError, match="unit_size=3"):
     clipping.clipped_grad_sum(loss_fn, params, batch, MASK, clip_norm=1.0, unit_size=3)
   with pytest.raises(ValueError, match="exclusive"):
