@@ -13,7 +13,8 @@ images, gather of `--example_gather` images); with `--microbatch=m,...` each pri
 also runs with `dp.microbatch_size=m` (units a slice; suffix `_mb{m}`), and with
 `--gather=g,...` with `engine.dp_gather=g` (suffix `_{g}`; "auto": the backend's). Round seconds are
 `round.round_step` (no accounting, evaluation or writing), the minimum of `--reps` rounds
-after one warm-up; `temp_mb` is XLA's temporary memory of the compiled block program
+after one warm-up, the rows' timed rounds in rotation (a drift of the machine moves them
+alike); `temp_mb` is XLA's temporary memory of the compiled block program
 (`memory_analysis()`: the peak working set of one call beyond its arguments and outputs).
 Writes a JSON with the ratios to `none` (benchmarks/results/default_dp_overhead_<backend>.json).
 """
@@ -85,14 +86,17 @@ def main(argv):
         rows[f"example_{clip}{suffix}"] = dict(level="example", clipping=clip,
                                                max_batch_size=_EXAMPLE_GATHER.value,
                                                microbatch_size=size, gather=gather)
-  results = {}
-  for name, dp in rows.items():
-    start = time.perf_counter()
-    setup = _setup(fed, **dp)
-    results[name] = timing.time_rounds(timing.engine_round_fn(setup), reps=_REPS.value)
+  setups = {name: _setup(fed, **dp) for name, dp in rows.items()}
+  start = time.perf_counter()
+  results = timing.time_rounds_interleaved(
+      {name: timing.engine_round_fn(setup) for name, setup in setups.items()},
+      reps=_REPS.value)
+  for name, setup in setups.items():
     results[name]["temp_mb"] = block_temp_mb(setup)
-    report.log(f"{name}: round {results[name]['round_s']:.3f} s, temp "
-               f"{results[name]['temp_mb']:.1f} MiB ({time.perf_counter() - start:.0f} s)")
+    report.log(f"{name}: round {results[name]['round_s']:.3f} s (median "
+               f"{results[name]['round_s_median']:.3f} s), temp {results[name]['temp_mb']:.1f} MiB")
+  report.log(f"{len(rows)} rows, {_REPS.value} rounds each in rotation: "
+             f"{time.perf_counter() - start:.0f} s")
   base = results["none"]["round_s"]
   ratios = {f"{k}_over_none": v["round_s"] / base for k, v in results.items() if k != "none"}
   memory = results["none"]["temp_mb"]

@@ -55,27 +55,43 @@ def time_rounds(one_round: Callable[[int], Any], *, reps: int, warmup: int = 1,
   `xla_compiles` are XLA's own figures for the warm-up, and `recompiles_while_timed`
   (which should be 0) counts compilations during the timed rounds.
   """
-  before = dict(_compiles)
-  warm = []
-  for r in range(1, warmup + 1):
-    start = time.perf_counter()
-    one_round(r)
-    warm.append(time.perf_counter() - start)
-  after_warmup = dict(_compiles)
-  times = []
+  return time_rounds_interleaved({"row": one_round}, reps=reps, warmup=warmup,
+                                 stat=stat)["row"]
+
+
+def time_rounds_interleaved(rounds: dict[str, Callable[[int], Any]], *, reps: int,
+                            warmup: int = 1, stat: str = "min") -> dict[str, dict]:
+  """`time_rounds` of several rows: each row's warm-up in turn, then the timed rounds
+  in rotation (a, b, c, a, b, c, ...), so a drift of the machine's speed moves every
+  row alike and the ratios between rows hold. Returns `time_rounds`' dict per row."""
+  warm, compiled, times, recompiles = {}, {}, {}, {}
+  for name, one_round in rounds.items():
+    before = dict(_compiles)
+    warm[name] = []
+    for r in range(1, warmup + 1):
+      start = time.perf_counter()
+      one_round(r)
+      warm[name].append(time.perf_counter() - start)
+    compiled[name] = (_compiles["seconds"] - before["seconds"],
+                      _compiles["count"] - before["count"])
+    times[name], recompiles[name] = [], 0
   for r in range(warmup + 1, warmup + reps + 1):
-    start = time.perf_counter()
-    one_round(r)
-    times.append(time.perf_counter() - start)
-  median = statistics.median(times)
-  return {
-      "round_s": min(times) if stat == "min" else median,
-      "round_s_min": min(times), "round_s_median": median, "times_s": times,
-      "first_round_s": warm[0], "compile_s": max(0.0, warm[0] - median),
-      "xla_compile_s": after_warmup["seconds"] - before["seconds"],
-      "xla_compiles": after_warmup["count"] - before["count"],
-      "recompiles_while_timed": _compiles["count"] - after_warmup["count"],
-  }
+    for name, one_round in rounds.items():
+      count, start = _compiles["count"], time.perf_counter()
+      one_round(r)
+      times[name].append(time.perf_counter() - start)
+      recompiles[name] += _compiles["count"] - count
+  out = {}
+  for name, row_times in times.items():
+    median = statistics.median(row_times)
+    out[name] = {
+        "round_s": min(row_times) if stat == "min" else median,
+        "round_s_min": min(row_times), "round_s_median": median, "times_s": row_times,
+        "first_round_s": warm[name][0], "compile_s": max(0.0, warm[name][0] - median),
+        "xla_compile_s": compiled[name][0], "xla_compiles": compiled[name][1],
+        "recompiles_while_timed": recompiles[name],
+    }
+  return out
 
 
 def engine_round_fn(setup: round_lib.Setup) -> Callable[[int], Any]:
