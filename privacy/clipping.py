@@ -403,7 +403,8 @@ def clipped_grad_sum(
       0: units anywhere in the batch.
     ghost_rows: method="ghost": run its passes over this many examples at a time
       (unrolled, the same result; `ghost.record(rows=...)`): on XLA:CPU 16 rows
-      stay in cache and beat the whole batch. 0: the whole batch at once.
+      stay in cache and beat the whole batch. 0: the whole batch at once. For
+      speed; `microbatch_size` (a rolled loop) is the one that bounds memory.
 
   Returns:
     `(grad_sum, stats)`: the clipped sum (pytree like params) and ClipStats;

@@ -26,7 +26,10 @@ alone, so a non-finite activation or output gradient makes only its own unit's
 norm non-finite; such a unit is masked out (`where`, not a zero weight: `0 * inf`
 is NaN) of the weighted sum, and of the other units' norms when units are
 matched by id. Nothing scans the activations for non-finite values (on XLA:CPU
-that scan and the masking of every activation cost a third of the step).
+that scan and the masking of every activation cost a third of the step). With
+`rows`, the passes and the per-row products run over blocks of rows one after
+another (cache-sized on XLA:CPU) and only the norms and the weighted sum see
+the whole batch, so a block edge may cut a unit.
 
 privacy/ghost_layers.py says which layers are supported and what each one
 contributes (tokens, vectors); this module runs the two passes, takes the
