@@ -130,5 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.engine.conv = "auto"         # auto | xla | patches: convolution lowering
   c.engine.unroll = 0            # local-step scan unroll (0: chosen per backend)
   c.engine.dp_gather = "auto"     # auto | fixed | bucketed: DP-SGD batch rows per block
+  c.engine.ghost_rows = 0        # ghost clipping's passes over blocks of this many rows
+                                 # (0: per backend; at least the batch: the whole batch)
   c.engine.shard_clients = True  # split each block's clients over all local devices
   return c

@@ -63,7 +63,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "client.batch_size"):
     _int_at_least(config, field, 1)
   for field in ("seed", "checkpoint_every", "client.local_steps", "engine.client_chunk",
-                "engine.client_block", "engine.unroll", "data.num_unseen",
+                "engine.client_block", "engine.unroll", "engine.ghost_rows", "data.num_unseen",
                 "data.augment_crop_padding"):
     _int_at_least(config, field, 0)
   rate = config.client_sampling_rate

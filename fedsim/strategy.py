@@ -9,13 +9,16 @@ unrolled. On a GPU (H200, jax 0.11, W1) the whole cohort is one call with native
 convolutions, vmapped up to 1,000 clients at a time: at 100 hospitals the full vmap
 was 1.4-5.3x faster than chunks of 1-10 and 2.8x faster than a Python loop; at
 10,000 hospitals chunks of 1,000 scanned in one call were 1.1x faster than the full
-vmap (and bound memory). TPU takes the GPU default, unmeasured. Every choice but
-`ghost_rows` can be overridden by `engine.*` config fields.
+vmap (and bound memory). TPU takes the GPU default, unmeasured. Every choice can be
+overridden by `engine.*` config fields.
 
-Ghost clipping (`ghost_rows`): on the CPU its passes run over blocks of 16 rows, one
+Ghost clipping (`ghost_rows`): on the CPU its passes run over blocks of 32 rows, one
 after another (`privacy.ghost.record`; the same result): a block's per-example buffers
-stay in cache, and the default's private round took 0.68 s instead of 0.83 s (one
-process, min of 8). GPUs take the whole batch at once.
+stay in cache. The default's private round (one process, median of 10): 0.92 s whole,
+0.74 s in blocks of 32; blocks of 16 were a little faster still but the unrolled blocks
+compile longer (the default's first five rounds: 16.4 s whole, 19.5 s in blocks of 64,
+23.2 s of 32, 30.4 s of 16), which 16 rows repay only after ~80 rounds. GPUs take the
+whole batch at once.
 
 DP-SGD batches (`dp_gather`): a Poisson step keeps a random number of examples, so
 a fixed-shape program computes on a gather sized for the largest step (the
@@ -35,7 +38,7 @@ import jax
 # backend -> (chunk: clients vmapped at once, block: clients per jitted call,
 # conv, unroll, dp_gather, ghost_rows); 0 means "the whole cohort" / "the whole batch".
 DEFAULTS = {
-    "cpu": (1, 1, "xla", 0, "bucketed", 16),  # unroll 0: all local steps (a rolled loop is slow)
+    "cpu": (1, 1, "xla", 0, "bucketed", 32),  # unroll 0: all local steps (a rolled loop is slow)
     "gpu": (1000, 0, "xla", 1, "fixed", 0),
     "tpu": (1000, 0, "xla", 1, "fixed", 0),
 }
@@ -82,6 +85,7 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
   if devices > 1:  # one vmapped chunk per block, split evenly over the devices
     chunk = block = -(-max(block, devices) // devices) * devices
   dp_gather = dp_gather if engine_config.dp_gather == "auto" else engine_config.dp_gather
+  ghost_rows = engine_config.get("ghost_rows", 0) or ghost_rows
   if devices > 1 or jax.process_count() > 1:  # every device must run the same program
     dp_gather = "fixed"
   return Strategy(chunk=chunk, block=block, conv=conv, unroll=unroll, devices=devices,

@@ -25,6 +25,7 @@ def test_default_config_is_valid():
     ("dp.level", "user", "dp.level='user' must be one of"),
     ("engine.conv", "fft", "engine.conv='fft' must be one of"),
     ("engine.dp_gather", "dynamic", "engine.dp_gather='dynamic' must be one of"),
+    ("engine.ghost_rows", -16, "engine.ghost_rows=-16 must be"),
     ("server.ema_decay", 1.0, "server.ema_decay=1.0 must be in [0, 1)"),
 ])
 def test_invalid_field_is_named(field, value, message):

@@ -21,7 +21,7 @@ def _resolve(backend="cpu", cohort_size=10, num_steps=5, devices=1, **overrides)
 
 def test_cpu_default_one_client_per_call_all_steps_unrolled():
   assert _resolve("cpu") == Strategy(chunk=1, block=1, conv="xla", unroll=5, devices=1,
-                                     dp_gather="bucketed", ghost_rows=16)
+                                     dp_gather="bucketed", ghost_rows=32)
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
@@ -43,7 +43,7 @@ def test_unknown_backend_gets_the_accelerator_default():
 
 def test_overrides_apply():
   s = _resolve("cpu", client_chunk=3, client_block=6, conv="patches", unroll=2,
-               dp_gather="fixed")
+               dp_gather="fixed", ghost_rows=16)
   assert s == Strategy(chunk=3, block=6, conv="patches", unroll=2, devices=1, ghost_rows=16)
 
 
