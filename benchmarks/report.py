@@ -69,8 +69,10 @@ def ratios(results: dict, default_name: str, central_batch: int) -> dict:
                           "best_over_central_best": _ratio(b["round_s"], central_best)}
   for prefix in sorted({n.split("/")[0] for n in results if n.startswith("dp_")}):
     eng, dp_loop = t(f"{prefix}/engine"), t(f"{prefix}/loop")
+    rotation = results.get(f"{prefix}/engine", {}).get("nonprivate_round_s_in_rotation")
     out[prefix] = {"engine_round_s": eng, "loop_round_s": dp_loop,
                    "engine_over_nonprivate_engine": _ratio(eng, default),
+                   "engine_over_nonprivate_in_rotation": _ratio(eng, rotation),
                    "engine_over_central": _ratio(eng, central),
                    "engine_over_central_best": _ratio(eng, central_best),
                    "engine_over_dp_loop": _ratio(eng, dp_loop),
@@ -153,7 +155,8 @@ def markdown(report: dict) -> str:
   for key, r in ratio.items():
     if key.startswith("dp_"):
       lines.append(f"{key} engine: / non-private engine "
-                   f"{_fmt(r['engine_over_nonprivate_engine'], '.2f')}, / centralised "
+                   f"{_fmt(r['engine_over_nonprivate_engine'], '.2f')} (in rotation with "
+                   f"it: {_fmt(r['engine_over_nonprivate_in_rotation'], '.2f')}), / centralised "
                    f"{_fmt(r['engine_over_central'], '.2f')} (fastest "
                    f"{_fmt(r['engine_over_central_best'], '.2f')}), / same DP client in a "
                    f"Python loop {_fmt(r['engine_over_dp_loop'], '.2f')}")

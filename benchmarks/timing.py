@@ -213,6 +213,14 @@ def run_timed_row(row: workload.Row, s: workload.Settings) -> dict:
     else:
       info.update(calls_per_round=s.hospitals, clients_computed=s.hospitals)
       one_round = loop_round_fn(setup)
-  timing = time_rounds(one_round, reps=s.reps, warmup=s.warmup, stat=s.stat)
+  if row.kind == "engine" and row.dp != "none":
+    # The non-private default engine's rounds in rotation with this row's: the ratio
+    # between them holds when the machine's speed drifts between rows.
+    base = engine_round_fn(workload.build_setup(s, hospitals=s.hospitals))
+    both = time_rounds_interleaved({"row": one_round, "nonprivate": base}, reps=s.reps,
+                                   warmup=s.warmup, stat=s.stat)
+    timing = {**both["row"], "nonprivate_round_s_in_rotation": both["nonprivate"]["round_s"]}
+  else:
+    timing = time_rounds(one_round, reps=s.reps, warmup=s.warmup, stat=s.stat)
   return {"kind": row.kind, **info, **timing,
           "examples_per_s": s.examples_per_round / timing["round_s"]}
