@@ -15,6 +15,7 @@ Each row builds a `one_round(round_index)` function and `time_rounds` times it:
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable
@@ -193,6 +194,13 @@ def central_round_fn(s: workload.Settings, conv: str,
                      "examples_computed": steps * batch}
 
 
+@functools.cache
+def _nonprivate_round(s: workload.Settings) -> Callable[[int], Any]:
+  """The non-private default engine's round, built and compiled once per run: every DP
+  engine row times its rounds in rotation with it."""
+  return engine_round_fn(workload.build_setup(s, hospitals=s.hospitals))
+
+
 def run_timed_row(row: workload.Row, s: workload.Settings) -> dict:
   """Builds and times one engine / loop / central row; returns its JSON row."""
   if row.kind == "central":
@@ -216,9 +224,8 @@ def run_timed_row(row: workload.Row, s: workload.Settings) -> dict:
   if row.kind == "engine" and row.dp != "none":
     # The non-private default engine's rounds in rotation with this row's: the ratio
     # between them holds when the machine's speed drifts between rows.
-    base = engine_round_fn(workload.build_setup(s, hospitals=s.hospitals))
-    both = time_rounds_interleaved({"row": one_round, "nonprivate": base}, reps=s.reps,
-                                   warmup=s.warmup, stat=s.stat)
+    both = time_rounds_interleaved({"row": one_round, "nonprivate": _nonprivate_round(s)},
+                                   reps=s.reps, warmup=s.warmup, stat=s.stat)
     timing = {**both["row"], "nonprivate_round_s_in_rotation": both["nonprivate"]["round_s"]}
   else:
     timing = time_rounds(one_round, reps=s.reps, warmup=s.warmup, stat=s.stat)

@@ -68,8 +68,8 @@ def dp_sgd_gradient(apply_fn: Callable, *, unit: str, method: str,
         per_example_loss_and_metrics, params,
         {"x": batch.x, "y": batch.y, "w": batch.mask}, batch.mask,
         clip_norm=hparams["clip_norm"], method=method,
-        microbatch_size=microbatch_size or None, has_aux=True,
-        ghost_rows=ghost_rows if method == "ghost" else 0, **units_of(batch))
+        microbatch_size=microbatch_size or None, has_aux=True, ghost_rows=ghost_rows,
+        **units_of(batch))
     grad = clipping.privatize(
         grad_sum, key, clip_norm=hparams["clip_norm"],
         noise_multiplier=hparams["noise_multiplier"],

@@ -85,6 +85,7 @@ def resolve(engine_config, *, cohort_size: int, num_steps: int,
   if devices > 1:  # one vmapped chunk per block, split evenly over the devices
     chunk = block = -(-max(block, devices) // devices) * devices
   dp_gather = dp_gather if engine_config.dp_gather == "auto" else engine_config.dp_gather
+  # .get: a run recorded before the field (attack.workdir) has no engine.ghost_rows
   ghost_rows = engine_config.get("ghost_rows", 0) or ghost_rows
   if devices > 1 or jax.process_count() > 1:  # every device must run the same program
     dp_gather = "fixed"

@@ -338,9 +338,9 @@ def _concatenate(blocks: list[dict]) -> dict:
     return blocks[0]
   out = {}
   for idx, term in blocks[0].items():
-    rows = lambda j: jnp.concatenate([b[idx][j] for b in blocks])
-    out[idx] = (("tokens", rows(1), rows(2), term[3], None) if term[0] == "tokens"
-                else ("vec", rows(1), term[2]))
+    joined = lambda j: jnp.concatenate([b[idx][j] for b in blocks])
+    out[idx] = (("tokens", joined(1), joined(2), term[3], None) if term[0] == "tokens"
+                else ("vec", joined(1), term[2]))
   return out
 
 
